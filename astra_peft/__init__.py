@@ -1,0 +1,1 @@
+"""Astra: Activation-Space Tail-Eigenvector Low-Rank Adaptation, on top of Hugging Face PEFT."""
