@@ -1,0 +1,344 @@
+"""Calibration: one pass of the frozen model that gathers each target layer's sufficient statistics.
+
+Layers that read the same tensor (q/k/v, gate/up) share one input Gram where that is cheaper than
+their output Grams, because Cov(Wx + b) = W Cov(x) Wᵀ exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import AstraConfig
+from .layers import check_supported, layer_digest, out_in_dims, target_base_layers
+from .stats import Accumulator, ActivationStats, LayerRecord
+
+ForwardFn = Callable[[nn.Module, dict], object]
+
+
+def default_forward(model: nn.Module, batch) -> object:
+    return model(**batch)
+
+
+def collect_activation_stats(
+    model: nn.Module,
+    dataloader: Iterable,
+    lora_config=None,
+    astra_config: Optional[AstraConfig] = None,
+    *,
+    forward_fn: Optional[ForwardFn] = None,
+    adapter_name: str = "default",
+) -> ActivationStats:
+    """Run `dataloader` through the frozen `model` and return every target layer's statistics.
+
+    `model` is the plain base model (then `lora_config.target_modules` picks the layers) or a PeftModel
+    of it (then its LoRA layers for `adapter_name` do; adapters are disabled during the pass so the
+    statistics describe the base model). Padding positions (`attention_mask == 0`) are left out.
+    """
+    astra_config = astra_config or AstraConfig()
+    layers = target_base_layers(model, lora_config, adapter_name)
+    if not layers:
+        raise ValueError(
+            "No target layer matched: check `target_modules` "
+            f"({getattr(lora_config, 'target_modules', None)!r}) against the model's module names."
+        )
+    for name, layer in layers.items():
+        check_supported(name, layer)
+    family = "max_normalized" if astra_config.statistic == "max_normalized" else "moments"
+    start = time.perf_counter()
+    with _calibration_mode(model):
+        batches = iter(dataloader)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("The calibration dataloader is empty.")
+        forward_fn = forward_fn or default_forward
+        groups = _shared_input_groups(model, layers, first, forward_fn) if family == "moments" else None
+        collector = _Collector(layers, _plan(layers, groups, astra_config, family), astra_config)
+        collector.run(model, _chain(first, batches), forward_fn)
+    accumulators = collector.accumulators
+    _all_reduce(accumulators)
+    records = {
+        name: LayerRecord(acc=collector.layer_acc[name], d_out=out_in_dims(layer)[0],
+                          d_in=out_in_dims(layer)[1], digest=layer_digest(layer))
+        for name, layer in layers.items()
+    }
+    stats = ActivationStats(records, accumulators, family)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def effective_rank_stats(
+    model: nn.Module, dataloader: Iterable, modules: dict[str, nn.Module], *, forward_fn=None, max_tokens=None
+) -> ActivationStats:
+    """Output statistics of `modules` exactly as they run (LoRA layers include their adapter)."""
+    config = AstraConfig(statistic_source="output", max_tokens=max_tokens)
+    groups = [[name] for name in modules]
+    collector = _Collector(modules, _plan(modules, groups, config, "moments"), config)
+    with _calibration_mode(model, disable_adapters=False):
+        collector.run(model, dataloader, forward_fn or default_forward)
+    records = {}
+    for name, module in modules.items():
+        d_out, d_in = out_in_dims(module)
+        records[name] = LayerRecord(acc=collector.layer_acc[name], d_out=d_out, d_in=d_in, digest="")
+    return ActivationStats(records, collector.accumulators, "moments")
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module, disable_adapters: bool = True):
+    # Restore each module's own flag: a wrapper can say training=True over modules left in eval mode.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    disable = getattr(model, "disable_adapter", None) if disable_adapters else None
+    try:
+        with torch.no_grad(), (disable() if callable(disable) else contextlib.nullcontext()):
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _input_of(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    return (x.data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+def _shared_input_groups(model, layers: dict[str, nn.Module], batch, forward_fn) -> list[list[str]]:
+    """Which target layers read the very same input tensor, found on a tiny slice of the first batch.
+
+    The inputs stay referenced until the probe ends, so a freed tensor's address can't be reused by a
+    later layer and mistaken for a shared input.
+    """
+    seen: dict[str, tuple] = {}
+    alive: list[torch.Tensor] = []
+
+    def hook_for(name):
+        def hook(module, args, kwargs):
+            x = _input_of(args, kwargs)
+            alive.append(x)
+            seen.setdefault(name, _tensor_key(x))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, layer in layers.items()]
+    try:
+        try:
+            forward_fn(model, _slice_batch(batch))
+        except Exception:  # a model that cannot run a one-row slice: probe on the whole batch instead
+            seen.clear()
+            alive.clear()
+            forward_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        alive.clear()
+    by_key: dict[tuple, list[str]] = {}
+    for name in layers:
+        by_key.setdefault(seen.get(name, ("unseen", name)), []).append(name)
+    return list(by_key.values())
+
+
+def _slice_batch(batch, max_len: int = 8):
+    if not isinstance(batch, dict):
+        return batch
+    ref = next((v for v in batch.values() if torch.is_tensor(v) and v.dim() >= 2), None)
+    if ref is None:
+        return batch
+    rows, length = ref.shape[:2]
+
+    def cut(v):
+        if not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] != rows:
+            return v
+        v = v[:1]
+        return v[:, :max_len] if v.dim() >= 2 and v.shape[1] == length else v
+
+    return {k: cut(v) for k, v in batch.items()}
+
+
+def _plan(layers, groups, config: AstraConfig, family: str) -> list[tuple[str, list[str]]]:
+    """(kind, layer names) per accumulator: one input Gram per group, or one output Gram per layer."""
+    plan = []
+    if family == "max_normalized":
+        return [("max_normalized", [name]) for name in layers]
+    for group in groups:
+        d_in = out_in_dims(layers[group[0]])[1]
+        output_cost = sum(out_in_dims(layers[n])[0] ** 2 for n in group)
+        use_input = config.statistic_source == "input" or (
+            config.statistic_source == "auto" and d_in**2 <= output_cost
+        )
+        if use_input:
+            plan.append(("input", group))
+        else:
+            plan.extend(("output", [n]) for n in group)
+    return plan
+
+
+class _Collector:
+    """Forward hooks that add each batch's non-padding tokens into the planned accumulators."""
+
+    def __init__(self, layers: dict[str, nn.Module], plan, config: AstraConfig):
+        self.layers, self.config = layers, config
+        self.dtype = getattr(torch, config.accumulation_dtype)
+        self.accumulators: list[Accumulator] = []
+        self.layer_acc: dict[str, int] = {}
+        self.plan = plan
+        self.mask: Optional[torch.Tensor] = None
+        self.batch_index = 0
+        for kind, names in plan:
+            for n in names:
+                self.layer_acc[n] = len(self.accumulators)
+            d_out, d_in = out_in_dims(layers[names[0]])
+            dim = d_in if kind == "input" else d_out
+            device = "cpu" if config.stats_device == "cpu" else next(layers[names[0]].parameters()).device
+            self.accumulators.append(Accumulator.zeros(kind, dim, self.dtype, device))
+        self._pending: dict[int, tuple] = {}
+
+    def run(self, model, batches, forward_fn):
+        handles = []
+        for acc_id, (kind, names) in enumerate(self.plan):
+            for n in names:
+                if kind == "input":
+                    hook = self._input_hook(n, acc_id, len(names))
+                    handles.append(self.layers[n].register_forward_pre_hook(hook, with_kwargs=True))
+                else:
+                    handles.append(self.layers[n].register_forward_hook(self._output_hook(n, acc_id)))
+        tokens = 0
+        bar = tqdm(desc="calibration", unit="tok", disable=not self.config.show_progress)
+        try:
+            for batch in batches:
+                self.mask = _padding_mask(batch)
+                self._pending.clear()
+                forward_fn(model, batch)
+                self.batch_index += 1
+                seen = max(acc.tokens for acc in self.accumulators)
+                bar.update(seen - tokens)
+                tokens = seen
+                if self.config.max_tokens is not None and tokens >= self.config.max_tokens:
+                    break
+        finally:
+            for h in handles:
+                h.remove()
+            self._pending.clear()
+            self.mask = None
+            bar.close()
+
+    def _rows(self, name: str, act: torch.Tensor) -> torch.Tensor:
+        act = act.detach()
+        if self.mask is not None:
+            if act.shape[:-1] != self.mask.shape:
+                raise RuntimeError(
+                    f"Layer '{name}' saw activations of shape {tuple(act.shape)}, which do not line up with "
+                    f"the attention_mask {tuple(self.mask.shape)}; pass a forward_fn or batches without "
+                    "attention_mask for this model."
+                )
+            rows = act[self.mask.to(act.device)]
+        else:
+            rows = act.reshape(-1, act.shape[-1])
+        return rows
+
+    def _add(self, name: str, acc_id: int, rows: torch.Tensor, sequences: int) -> None:
+        acc = self.accumulators[acc_id]
+        x = rows.to(self.dtype)
+        batch_sum = x.sum(0)
+        if not torch.isfinite(batch_sum).all():
+            raise FloatingPointError(
+                f"Non-finite activations in layer '{name}' (batch {self.batch_index}); it is the first target "
+                "layer, in execution order, where they appear."
+            )
+        gram = x.T @ x
+        acc.sum += batch_sum.to(acc.sum.device)
+        acc.gram += gram.to(acc.gram.device)
+        acc.tokens += x.shape[0]
+        acc.sequences += sequences
+
+    def _input_hook(self, name, acc_id, group_size):
+        def hook(module, args, kwargs):
+            x = _input_of(args, kwargs)
+            key = _tensor_key(x)
+            pending = self._pending.get(acc_id)
+            if pending is None:
+                self._add(name, acc_id, self._rows(name, x), x.shape[0] if x.dim() > 2 else 1)
+                if group_size > 1:  # keep x alive until the whole group has checked it
+                    self._pending[acc_id] = (key, x, 1)
+            else:
+                first_key, ref, seen = pending
+                if key != first_key:
+                    raise RuntimeError(
+                        f"Layer '{name}' shared its input with its group during probing but not in batch "
+                        f"{self.batch_index}; use AstraConfig(statistic_source='output') for this model."
+                    )
+                if seen + 1 == group_size:
+                    del self._pending[acc_id]
+                else:
+                    self._pending[acc_id] = (first_key, ref, seen + 1)
+
+        return hook
+
+    def _output_hook(self, name, acc_id):
+        def hook(module, args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            if self.accumulators[acc_id].kind == "max_normalized":
+                rows, seqs = self._max_normalized_rows(name, y)
+                self._add(name, acc_id, rows, seqs)
+            else:
+                self._add(name, acc_id, self._rows(name, y), y.shape[0] if y.dim() > 2 else 1)
+
+        return hook
+
+    def _max_normalized_rows(self, name, y):
+        """The authors' statistic: each sequence divided by its largest element (`torch.max(out).abs()`)."""
+        y = y.detach()
+        if y.dim() == 2:
+            y = y.unsqueeze(0)
+        mask = self.mask.to(y.device) if self.mask is not None else None
+        if mask is not None and y.shape[:-1] != mask.shape:
+            self._rows(name, y)  # raises the shape error
+        valid = mask if mask is not None else torch.ones(y.shape[:-1], dtype=torch.bool, device=y.device)
+        y = y.to(self.dtype)
+        peak = y.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=(1, 2)).abs()
+        has_tokens = valid.any(dim=1)
+        scaled = y / peak.clamp_min(torch.finfo(self.dtype).tiny)[:, None, None]
+        return scaled[valid], int(has_tokens.sum())
+
+
+def _padding_mask(batch) -> Optional[torch.Tensor]:
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None or mask.dim() != 2:
+        return None
+    return mask.bool()
+
+
+def _all_reduce(accumulators: list[Accumulator]) -> None:
+    """Sum the sufficient statistics over ranks, so every rank initialises from the union of the data."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    on_gpu = dist.get_backend() == "nccl"
+
+    def reduce(t: torch.Tensor) -> None:
+        if on_gpu and t.device.type == "cpu":
+            tmp = t.cuda()
+            dist.all_reduce(tmp)
+            t.copy_(tmp.cpu())
+        else:
+            dist.all_reduce(t)
+
+    for acc in accumulators:
+        reduce(acc.sum)
+        reduce(acc.gram)
+    counts = torch.tensor([[acc.tokens, acc.sequences] for acc in accumulators], dtype=torch.float64)
+    reduce(counts)
+    for acc, (tokens, sequences) in zip(accumulators, counts.tolist()):
+        acc.tokens, acc.sequences = int(tokens), int(sequences)

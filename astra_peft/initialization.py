@@ -1,0 +1,175 @@
+"""Write Astra's initialisation into PEFT's LoRA layers: B = Q, A = QᵀW, W ← W − s·B·A."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from peft.utils.integrations import gather_params_ctx
+
+from .calibration import ForwardFn, collect_activation_stats
+from .config import AstraConfig
+from .layers import check_supported, layer_digest, lora_layers, out_in_dims, set_weight_matrix, weight_matrix
+from .spectrum import Selection, select_eigenvectors
+from .stats import ActivationStats
+
+
+@dataclass
+class LayerReport:
+    name: str
+    d_out: int
+    d_in: int
+    rank: int
+    tokens: int
+    source: str  # where the statistic came from: "input", "output" or "max_normalized"
+    selection: Selection
+
+
+@dataclass
+class AstraReport:
+    """What `initialize_astra_weights` did, layer by layer, and how long each phase took."""
+
+    config: AstraConfig
+    layers: list[LayerReport] = field(default_factory=list)
+    calibration_seconds: float = 0.0
+    decomposition_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+    @property
+    def degenerate_layers(self) -> dict[str, int]:
+        """Layers where some selected directions have (numerically) zero eigenvalue, and how many."""
+        return {l.name: l.selection.n_selected_degenerate for l in self.layers if l.selection.n_selected_degenerate}
+
+    def summary(self) -> str:
+        degenerate = self.degenerate_layers
+        return (
+            f"Astra initialised {len(self.layers)} layers ({self.config.eigen_selection} eigenvectors of the "
+            f"{self.config.statistic}); {len(degenerate)} layers had degenerate directions selected; "
+            f"calibration {self.calibration_seconds:.1f}s, decomposition {self.decomposition_seconds:.1f}s, "
+            f"write {self.write_seconds:.1f}s."
+        )
+
+
+def initialize_astra_weights(
+    peft_model,
+    dataloader: Optional[Iterable] = None,
+    astra_config: Optional[AstraConfig] = None,
+    *,
+    stats: Optional[ActivationStats] = None,
+    forward_fn: Optional[ForwardFn] = None,
+    adapter_name: str = "default",
+) -> AstraReport:
+    """Initialise adapter `adapter_name` of `peft_model` with Astra (paper Algorithm 1).
+
+    The model's outputs are unchanged: the frozen weight becomes W − s·B·A. Either calibrate on
+    `dataloader` (an iterable of dicts `model(**batch)` accepts, or what `forward_fn(model, batch)`
+    takes) or pass `stats` from `collect_activation_stats`. Every check runs and every eigenvector is
+    computed before the first weight is written, so a failure leaves the model exactly as it was.
+    """
+    config = astra_config or AstraConfig()
+    layers = lora_layers(peft_model, adapter_name)
+    if not layers:
+        raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
+    _check_layers(layers, adapter_name)
+    report = AstraReport(config)
+    if stats is None:
+        if dataloader is None:
+            raise ValueError("Pass a calibration `dataloader` or precomputed `stats`.")
+        lora_config = peft_model.peft_config[adapter_name] if hasattr(peft_model, "peft_config") else None
+        stats = collect_activation_stats(
+            peft_model, dataloader, lora_config, config, forward_fn=forward_fn, adapter_name=adapter_name
+        )
+        report.calibration_seconds = stats.seconds or 0.0
+    else:
+        _check_stats_match(stats, layers)
+    if not stats.supports(config.statistic):
+        raise ValueError(
+            f"These statistics were collected for '{stats.family}'; statistic='{config.statistic}' needs "
+            f"a calibration with AstraConfig(statistic='{config.statistic}')."
+        )
+
+    start = time.perf_counter()
+    bases = {}
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        d_out, d_in = out_in_dims(base)
+        r = layer.r[adapter_name]
+        tokens = stats.tokens(name)
+        needed = d_out + 1 if config.statistic == "covariance" else d_out
+        if config.eigen_selection != "largest" and tokens < needed:
+            raise ValueError(
+                f"Layer '{name}' saw {tokens} calibration tokens but has d_out={d_out}: its {config.statistic} "
+                f"has rank < d_out, so the low end of the spectrum is an artefact of too little data. Use at "
+                f"least {needed} non-padding tokens (more calibration samples or longer ones)."
+            )
+        with gather_params_ctx(base.parameters(), modifier_rank=None):
+            w, bias = weight_matrix(base), base.bias
+            matrix = stats.output_statistic(name, config.statistic, w, bias)
+        q, selection = select_eigenvectors(matrix, r, config, name)
+        del matrix
+        bases[name] = q
+        report.layers.append(LayerReport(name, d_out, d_in, r, tokens, stats.source(name), selection))
+    report.decomposition_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    for name, layer in layers.items():
+        _write(layer, adapter_name, bases.pop(name))
+    report.write_seconds = time.perf_counter() - start
+    return report
+
+
+def _check_layers(layers: dict, adapter_name: str) -> None:
+    for name, layer in layers.items():
+        check_supported(name, layer.get_base_layer())
+        if layer.use_dora.get(adapter_name, False):
+            raise ValueError(f"Layer '{name}': Astra does not initialise DoRA adapters (use_dora=True).")
+        if getattr(layer, "lora_bias", {}).get(adapter_name, False):
+            raise ValueError(f"Layer '{name}': Astra does not support lora_bias=True.")
+        d_out, _ = out_in_dims(layer.get_base_layer())
+        r = layer.r[adapter_name]
+        if r > d_out:
+            raise ValueError(f"Layer '{name}': rank r={r} exceeds its output dimension d_out={d_out}.")
+        done = getattr(layer, "astra_adapters", ())
+        if done:
+            raise RuntimeError(
+                f"Layer '{name}' was already initialised by Astra (adapter '{sorted(done)[0]}'): its frozen weight "
+                "is now a residual, so initialising again would stack a second residual on it. Start from a "
+                "fresh PeftModel of the original base model."
+            )
+
+
+def _check_stats_match(stats: ActivationStats, layers: dict) -> None:
+    missing = sorted(set(layers) - set(stats.layers))
+    if missing:
+        raise ValueError(
+            f"The statistics have no entry for {len(missing)} target layers (e.g. '{missing[0]}'): they were "
+            "collected for other target modules. Collect them with this adapter's LoraConfig."
+        )
+    for name, layer in layers.items():
+        record, base = stats.layers[name], layer.get_base_layer()
+        if (record.d_out, record.d_in) != out_in_dims(base) or record.digest != layer_digest(base):
+            raise ValueError(
+                f"The statistics do not fit layer '{name}': they were collected on another model (weight "
+                f"fingerprint {record.digest} vs {layer_digest(base)}), or on this model after its weights "
+                "changed (e.g. an earlier Astra initialisation)."
+            )
+
+
+def _write(layer, adapter_name: str, q: torch.Tensor) -> None:
+    """A = QᵀW and B = Q, both cast to the adapter's dtype; the residual is formed in float32 from the
+    *cast* A and B and cast once, so base + s·B·A reproduces W as closely as the base dtype allows."""
+    base = layer.get_base_layer()
+    lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    scaling = layer.scaling[adapter_name]
+    with gather_params_ctx([base.weight, lora_a, lora_b], modifier_rank=0):
+        w = weight_matrix(base).detach().to(torch.float32)
+        q = q.to(device=w.device, dtype=torch.float32)
+        a = (q.T @ w).to(lora_a.dtype)
+        b = q.to(lora_b.dtype)
+        residual = w - scaling * (b.to(torch.float32) @ a.to(torch.float32))
+        lora_a.data.copy_(a)
+        lora_b.data.copy_(b)
+        set_weight_matrix(base, residual)
+    layer.astra_adapters = {adapter_name}

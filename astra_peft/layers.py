@@ -1,0 +1,100 @@
+"""Which layers Astra touches, their weights as (d_out, d_in) views, and their fingerprints."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from peft.utils.integrations import gather_params_ctx
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+_PEFT_PREFIX = "base_model.model."
+_DIGEST_SAMPLES = 4096
+
+
+def canonical_name(name: str) -> str:
+    """The layer's name in the plain base model, so stats from a base model fit any PeftModel of it."""
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX) :]
+    if name.endswith(".base_layer"):
+        name = name[: -len(".base_layer")]
+    return name
+
+
+def lora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLayer]:
+    """The LoRA layers of `adapter_name`, keyed by canonical name."""
+    return {
+        canonical_name(name): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+    }
+
+
+def target_base_layers(model: nn.Module, lora_config=None, adapter_name: str = "default") -> dict[str, nn.Module]:
+    """The frozen linear layers an adapter targets, keyed by canonical name.
+
+    On a model that already holds LoRA layers for `adapter_name`, those layers decide; on a plain model,
+    PEFT's own matching of `lora_config.target_modules` does, so both agree on the same set.
+    """
+    wrapped = lora_layers(model, adapter_name)
+    if wrapped:
+        return {name: layer.get_base_layer() for name, layer in wrapped.items()}
+    if lora_config is None:
+        raise ValueError("The model has no LoRA layers; pass the LoraConfig whose target_modules to calibrate.")
+    config = _maybe_include_all_linear_layers(copy.copy(lora_config), model)
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) or not name:
+            continue
+        if check_target_module_exists(config, name) and isinstance(module, SUPPORTED_BASE_LAYERS):
+            found[canonical_name(name)] = module
+    return found
+
+
+def check_supported(name: str, layer: nn.Module) -> None:
+    """Raise for base layers whose weight Astra cannot read and rewrite exactly (quantized, other types)."""
+    if type(layer) not in SUPPORTED_BASE_LAYERS:
+        raise TypeError(
+            f"Layer '{name}' is a {type(layer).__module__}.{type(layer).__name__}; Astra supports "
+            "torch.nn.Linear and transformers Conv1D base layers (quantized layers are not supported: "
+            "Astra rewrites the frozen weight W ← W − s·B·A, which a quantized weight cannot hold exactly)."
+        )
+    if not layer.weight.dtype.is_floating_point:
+        raise TypeError(f"Layer '{name}' has a {layer.weight.dtype} weight; Astra needs a floating-point weight.")
+
+
+def out_in_dims(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, LoraLayer):
+        layer = layer.get_base_layer()
+    if isinstance(layer, Conv1D):
+        return layer.nf, layer.weight.shape[0]
+    return layer.out_features, layer.in_features
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """W as (d_out, d_in), whatever the layer stores: Conv1D (GPT-2) keeps Wᵀ."""
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+def set_weight_matrix(layer: nn.Module, w: torch.Tensor) -> None:
+    w = w.T if isinstance(layer, Conv1D) else w
+    layer.weight.data.copy_(w.to(layer.weight.dtype))
+
+
+def layer_digest(layer: nn.Module) -> str:
+    """A cheap fingerprint of a layer's weights.
+
+    Evenly spaced samples rounded to bfloat16, so an fp32 model and its bf16 copy share a digest while
+    another model, or this model after Astra rewrote its weights, does not.
+    """
+    with gather_params_ctx(layer.weight, modifier_rank=None):
+        flat = weight_matrix(layer).detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(_DIGEST_SAMPLES, flat.numel()), device=flat.device).long()
+        sample = flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+    d_out, d_in = out_in_dims(layer)
+    return hashlib.sha256(f"{d_out}x{d_in}".encode() + sample).hexdigest()[:16]

@@ -1,0 +1,205 @@
+"""The spectrum of a layer's statistic: which r eigenvectors Astra takes, and how it finds only those.
+
+All indices are into the eigenvalues sorted ascending, λ[0] ≤ … ≤ λ[d-1].
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+from peft.tuners.lora import LoraLayer
+
+from .config import AstraConfig
+
+
+@dataclass
+class Selection:
+    """What was selected in one layer, for the initialisation report."""
+
+    indices: list[int]  # ascending indices into the full spectrum
+    eigenvalues: list[float]
+    n_degenerate: int  # eigenvalues at or below the threshold, in the whole spectrum
+    n_selected_degenerate: int
+    threshold: float
+    effective_rank: float
+
+
+def effective_rank(eigenvalues: torch.Tensor | np.ndarray) -> float:
+    """Roy & Vetterli's effective rank, paper Eq. 9: exp of the entropy of the normalised spectrum."""
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64).clamp_min(0)
+    total = lam.sum()
+    if total <= 0:
+        return 0.0
+    p = lam / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
+    """All eigenvalues, ascending. Cheaper than a full decomposition: no eigenvectors are formed."""
+    if matrix.is_cuda:
+        return torch.linalg.eigvalsh(matrix)
+    values = scipy.linalg.eigh(matrix.numpy(), eigvals_only=True, check_finite=False)
+    return torch.from_numpy(values)
+
+
+def eigenvectors(matrix: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Eigenvectors for ascending indices lo..hi inclusive, as columns.
+
+    On CPU, LAPACK's MRRR solver (syevr) computes only the requested ones; on GPU, where a full
+    `eigh` is fast, the full decomposition is sliced and freed.
+    """
+    if matrix.is_cuda:
+        return torch.linalg.eigh(matrix)[1][:, lo : hi + 1].clone()
+    _, vectors = scipy.linalg.eigh(
+        matrix.numpy(), subset_by_index=[lo, hi], driver="evr", check_finite=False
+    )
+    return torch.from_numpy(vectors)
+
+
+def selection_indices(n: int, r: int, how: str, seed: int = 0, name: str = "") -> np.ndarray:
+    """r ascending indices into a spectrum of n eigenvalues (see `AstraConfig.eigen_selection`)."""
+    if how == "smallest":
+        start = 0
+    elif how == "largest":
+        start = n - r
+    elif how == "middle":
+        start = (n - r) // 2
+    elif how == "lower_quartile":
+        start = n // 4 - r // 2
+    elif how == "upper_quartile":
+        start = (3 * n) // 4 - r // 2
+    elif how == "random":
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        return np.sort(rng.choice(n, size=r, replace=False))
+    else:
+        raise ValueError(f"Unknown eigen_selection {how!r}.")
+    start = min(max(start, 0), n - r)
+    return np.arange(start, start + r)
+
+
+def degenerate_threshold(values: torch.Tensor, config: AstraConfig, dtype: torch.dtype) -> float:
+    rtol = config.null_space_rtol
+    if rtol is None:  # numpy.linalg.matrix_rank's tolerance
+        rtol = values.shape[0] * torch.finfo(dtype).eps
+    return rtol * max(float(values[-1]), 0.0)
+
+
+def select_eigenvectors(matrix: torch.Tensor, r: int, config: AstraConfig, name: str) -> tuple[torch.Tensor, Selection]:
+    """The (d, r) orthonormal basis Q Astra puts in B, chosen by `config`, and what was chosen."""
+    if not matrix.is_cuda:
+        matrix = matrix.cpu()
+    d = matrix.shape[0]
+    values = eigenvalues(matrix)
+    threshold = degenerate_threshold(values, config, matrix.dtype)
+    k = int((values <= threshold).sum())
+    base = k if config.null_space == "exclude" else 0
+    if d - base < r:
+        raise ValueError(
+            f"Layer '{name}': only {d - base} of its {d} output directions have non-degenerate eigenvalues "
+            f"(> {threshold:.3g}), fewer than the rank r={r}; lower r or use null_space='keep'."
+        )
+    idx = base + selection_indices(d - base, r, config.eigen_selection, config.seed, name)
+    degenerate = idx[idx < k]
+    if len(degenerate) and config.null_space == "raise":
+        raise ValueError(
+            f"Layer '{name}': {len(degenerate)} of the {r} selected eigenvectors have degenerate eigenvalues "
+            f"(≤ {threshold:.3g}; {k} of {d} are), so their A = QᵀW would be ~0. Use null_space='exclude' to "
+            "select among the directions the activations occupy, or 'keep' for the paper's literal recipe."
+        )
+    regular = idx[idx >= k]
+    parts = []
+    if len(degenerate):
+        parts.append(_null_space_basis(matrix, k, len(degenerate)))
+    if len(regular):
+        # One solver call for the contiguous span; a random pick spans (almost) everything anyway.
+        span = eigenvectors(matrix, int(regular[0]), int(regular[-1]))
+        parts.append(span[:, torch.from_numpy(regular - regular[0])])
+    q = _canonical_signs(torch.cat(parts, dim=1).to(matrix.dtype))
+    info = Selection(
+        indices=idx.tolist(),
+        eigenvalues=values[torch.from_numpy(idx)].tolist(),
+        n_degenerate=k,
+        n_selected_degenerate=len(degenerate),
+        threshold=threshold,
+        effective_rank=effective_rank(values),
+    )
+    return q, info
+
+
+def _null_space_basis(matrix: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """m orthonormal vectors of the k-dimensional degenerate eigenspace, chosen deterministically.
+
+    A solver's basis of a degenerate eigenspace is arbitrary and differs across LAPACK builds; the
+    projector P onto the space is not. Gram–Schmidt on P's columns e_0, e_1, … in order, skipping
+    columns that add little, gives a basis that depends only on P.
+    """
+    d = matrix.shape[0]
+    if k <= d - k:
+        n_basis = eigenvectors(matrix, 0, k - 1).to(torch.float64)
+        project = lambda cols: n_basis @ n_basis[cols].T  # noqa: E731
+    else:  # the complement is smaller: P = I − U Uᵀ with U the non-degenerate eigenvectors
+        u = eigenvectors(matrix, k, d - 1).to(torch.float64)
+        project = lambda cols: torch.eye(d, dtype=torch.float64)[:, cols] - u @ u[cols].T  # noqa: E731
+    chosen: list[torch.Tensor] = []
+    for j in range(d):
+        v = project([j])[:, 0]
+        for c in chosen:
+            v = v - (c @ v) * c
+        for c in chosen:  # twice is enough (Kahan–Parlett)
+            v = v - (c @ v) * c
+        norm = v.norm()
+        if norm > 0.5 * (k / d) ** 0.5:  # P e_j has squared norm k/d on average
+            chosen.append(v / norm)
+            if len(chosen) == m:
+                break
+    if len(chosen) < m:
+        raise RuntimeError(f"Could not build {m} null-space directions from a {k}-dimensional eigenspace.")
+    return torch.stack(chosen, dim=1)
+
+
+def _canonical_signs(q: torch.Tensor) -> torch.Tensor:
+    """Flip each column so its largest-magnitude entry is positive: same subspace, reproducible B."""
+    pivot = q.abs().argmax(dim=0)
+    signs = torch.sign(q[pivot, torch.arange(q.shape[1])])
+    signs[signs == 0] = 1
+    return q * signs
+
+
+def effective_ranks(
+    model: torch.nn.Module,
+    dataloader,
+    target_modules: list[str] | None = None,
+    *,
+    forward_fn=None,
+    max_tokens: int | None = None,
+    adapter_name: str = "default",
+) -> dict[str, float]:
+    """Effective rank (Eq. 9) of the output-activation covariance of each layer, as the model runs now.
+
+    On a PeftModel the LoRA layers of `adapter_name` are measured with their adapter (pass
+    `target_modules` to pick others); on a plain model, linear layers whose name ends with one of
+    `target_modules`.
+    """
+    from .calibration import effective_rank_stats
+    from .layers import SUPPORTED_BASE_LAYERS, canonical_name, lora_layers
+
+    if target_modules is None:
+        modules = lora_layers(model, adapter_name)
+    else:
+        suffixes = tuple(target_modules)
+        modules = {
+            canonical_name(n): m
+            for n, m in model.named_modules()
+            if isinstance(m, SUPPORTED_BASE_LAYERS + (LoraLayer,))
+            and not n.endswith(".base_layer")
+            and any(n == s or n.endswith("." + s) for s in suffixes)
+        }
+    if not modules:
+        raise ValueError("No layer to measure: pass target_modules, or a PeftModel with LoRA layers.")
+    stats = effective_rank_stats(model, dataloader, modules, forward_fn=forward_fn, max_tokens=max_tokens)
+    return {name: effective_rank(eigenvalues(stats.output_statistic(name, "covariance"))) for name in modules}

@@ -1,0 +1,91 @@
+"""Tiny random models of the three supported families, and calibration batches for them."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 96
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def tiny_llama(dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+MODELS = {
+    "llama": (tiny_llama, LLAMA_TARGETS, {}),
+    "bert": (tiny_bert, BERT_TARGETS, {}),
+    "gpt2": (tiny_gpt2, GPT2_TARGETS, {"fan_in_fan_out": True}),
+}
+
+
+def make_batches(n_batches=4, batch_size=4, length=20, seed=1, pad_rows=True):
+    """Batches with right padding on some rows, so padding handling is always exercised."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, VOCAB, (batch_size, length), generator=g)
+        mask = torch.ones_like(ids)
+        if pad_rows:
+            for row in range(1, batch_size, 2):
+                cut = int(torch.randint(length // 2, length, (1,), generator=g))
+                mask[row, cut:] = 0
+                ids[row, cut:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def lora_config(family, r=4, alpha=8, **kw):
+    from peft import LoraConfig
+
+    _, targets, extra = MODELS[family]
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **{**extra, **kw})
+
+
+def peft_model(family, r=4, alpha=8, **kw):
+    from peft import get_peft_model
+
+    factory = MODELS[family][0]
+    return get_peft_model(factory(), lora_config(family, r, alpha, **kw))
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture
+def batches():
+    return make_batches()
