@@ -97,10 +97,10 @@ class ActivationStats:
             return matrix
         if weight is None:
             raise ValueError(f"Layer '{name}' has input statistics: its weight is needed to derive outputs'.")
-        w = weight.to(device=matrix.device, dtype=matrix.dtype)
+        w = weight.detach().to(device=matrix.device, dtype=matrix.dtype)
         out = w @ matrix @ w.T
         if statistic == "second_moment" and bias is not None:
-            b = bias.to(device=matrix.device, dtype=matrix.dtype)
+            b = bias.detach().to(device=matrix.device, dtype=matrix.dtype)
             wm = w @ mean
             out = out + torch.outer(wm, b) + torch.outer(b, wm) + torch.outer(b, b)
         return (out + out.T) / 2

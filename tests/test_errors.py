@@ -1,0 +1,130 @@
+"""Bad input: a clear error, and the model left exactly as it was."""
+
+import pytest
+import torch
+from conftest import lora_config, make_batches, peft_model, tiny_llama
+from peft import LoraConfig, get_peft_model
+
+from astra_peft import AstraConfig, collect_activation_stats, initialize_astra_weights
+
+QUIET = dict(show_progress=False)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, snapshot):
+    state = model.state_dict()
+    assert state.keys() == snapshot.keys()
+    for k, v in snapshot.items():
+        assert torch.equal(state[k], v), f"{k} changed"
+
+
+def _fails(model, exc, match, *args, **kwargs):
+    snap = _snapshot(model)
+    with pytest.raises(exc, match=match):
+        initialize_astra_weights(model, *args, **kwargs)
+    _assert_unchanged(model, snap)
+
+
+def test_empty_dataloader():
+    _fails(peft_model("llama"), ValueError, "empty", [], AstraConfig(**QUIET))
+
+
+def test_no_dataloader_no_stats():
+    _fails(peft_model("llama"), ValueError, "dataloader", None, AstraConfig(**QUIET))
+
+
+def test_no_target_layer_matched():
+    with pytest.raises(ValueError, match="No target layer matched"):
+        collect_activation_stats(tiny_llama(), make_batches(), LoraConfig(target_modules=["nope"]), AstraConfig(**QUIET))
+    _fails(peft_model("llama"), ValueError, "No LoRA layer of adapter 'other'", make_batches(), adapter_name="other")
+
+
+def test_non_finite_activations_name_the_first_layer():
+    model = peft_model("llama")
+    norm = model.get_base_model().model.layers[1].input_layernorm
+    handle = norm.register_forward_hook(lambda m, a, out: out * float("nan"))
+    _fails(model, FloatingPointError, r"'model\.layers\.1\.self_attn\.q_proj'", make_batches(), AstraConfig(**QUIET))
+    handle.remove()
+
+
+def test_rank_larger_than_d_out():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=20, target_modules=["q_proj", "k_proj"]))  # k_proj: d_out=16
+    _fails(model, ValueError, r"r=20 exceeds .* d_out=16", make_batches(), AstraConfig(**QUIET))
+
+
+def test_too_few_tokens_says_how_many():
+    few = make_batches(n_batches=1, batch_size=2, pad_rows=False)  # 40 tokens; gate/up have d_out=64
+    _fails(peft_model("llama"), ValueError, "at least 65 non-padding tokens", few, AstraConfig(**QUIET))
+    # the top of the spectrum is well defined with few tokens, so 'largest' proceeds
+    initialize_astra_weights(peft_model("llama"), few, AstraConfig(eigen_selection="largest", **QUIET))
+
+
+def test_stats_from_another_model():
+    torch.manual_seed(123)
+    from transformers import LlamaForCausalLM
+
+    other = LlamaForCausalLM(tiny_llama().config).eval()
+    stats = collect_activation_stats(other, make_batches(), lora_config("llama"), AstraConfig(**QUIET))
+    _fails(peft_model("llama"), ValueError, "collected on another model", stats=stats, astra_config=AstraConfig(**QUIET))
+
+
+def test_stats_for_other_target_modules():
+    stats = collect_activation_stats(
+        tiny_llama(), make_batches(), LoraConfig(target_modules=["q_proj", "v_proj"]), AstraConfig(**QUIET)
+    )
+    _fails(peft_model("llama"), ValueError, "other target modules", stats=stats, astra_config=AstraConfig(**QUIET))
+
+
+def test_stats_for_another_statistic():
+    stats = collect_activation_stats(
+        tiny_llama(), make_batches(), lora_config("llama"), AstraConfig(statistic="max_normalized", **QUIET)
+    )
+    _fails(peft_model("llama"), ValueError, "max_normalized", stats=stats, astra_config=AstraConfig(**QUIET))
+
+
+def test_calling_twice_on_the_same_adapter():
+    model = peft_model("llama")
+    initialize_astra_weights(model, make_batches(), AstraConfig(**QUIET))
+    _fails(model, RuntimeError, "already initialised by Astra", make_batches(), AstraConfig(**QUIET))
+
+
+def test_unsupported_base_layer_type():
+    class QuantLinear(torch.nn.Linear):  # stands in for bitsandbytes/GPTQ layers, which subclass nn.Linear
+        pass
+
+    base = tiny_llama()
+    old = base.model.layers[0].self_attn.q_proj
+    new = QuantLinear(old.in_features, old.out_features, bias=False)
+    new.load_state_dict(old.state_dict())
+    base.model.layers[0].self_attn.q_proj = new
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    _fails(model, TypeError, "quantized layers are not supported", make_batches(), AstraConfig(**QUIET))
+
+
+def test_dora_adapter_rejected():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    _fails(model, ValueError, "DoRA", make_batches(), AstraConfig(**QUIET))
+
+
+def test_null_space_raise_policy_leaves_model_untouched():
+    _fails(peft_model("llama"), ValueError, "degenerate", make_batches(), AstraConfig(null_space="raise", **QUIET))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(eigen_selection="tail"), "eigen_selection"),
+        (dict(statistic="cov"), "statistic"),
+        (dict(null_space="drop"), "null_space"),
+        (dict(statistic="max_normalized", statistic_source="input"), "max_normalized"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(null_space_rtol=2.0), "null_space_rtol"),
+        (dict(accumulation_dtype="float16"), "accumulation_dtype"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AstraConfig(**kwargs)

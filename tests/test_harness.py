@@ -1,0 +1,301 @@
+"""The harness end to end on tiny random models saved to disk and tiny JSONL tasks: fast, no network."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("is the a cat dog red blue big small one two three four five six more than less Question Answer "
+         "yes no good bad movie film great awful fun dull plot acting loved hated").split()
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+def _tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)) + ["?", ":", ".", ","])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_tiny_llama(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def make_tiny_bert(path: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    tok = _tokenizer(path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+def make_generation_jsonl(path: Path, n: int = 60) -> Path:
+    rng = random.Random(0)
+    numbers = ["one", "two", "three", "four", "five", "six"]
+    with open(path, "w") as fh:
+        for _ in range(n):
+            a, b = rng.sample(range(6), 2)
+            answer = 0 if a > b else 1
+            row = {"prompt": f"Question: is {numbers[a]} more than {numbers[b]} ?\nAnswer:",
+                   "completion": [" yes", " no"][answer], "choices": [" yes", " no"], "answer": answer}
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def make_classification_jsonl(path: Path, n: int = 60) -> Path:
+    rng = random.Random(1)
+    good, bad = ["great", "fun", "loved", "good"], ["awful", "dull", "hated", "bad"]
+    with open(path, "w") as fh:
+        for _ in range(n):
+            label = rng.randrange(2)
+            words = rng.sample(good if label else bad, 2) + rng.sample(["movie", "film", "plot", "acting"], 2)
+            rng.shuffle(words)
+            fh.write(json.dumps({"text": " ".join(words), "label": ["negative", "positive"][label]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": str(make_tiny_llama(root / "llama")),
+        "bert": str(make_tiny_bert(root / "bert")),
+        "gen": str(make_generation_jsonl(root / "gen.jsonl")),
+        "cls": str(make_classification_jsonl(root / "cls.jsonl")),
+    }
+
+
+def finetune(tiny, out, method="lora", model="llama", data="gen", **kw):
+    from astra_peft.training import FinetuneConfig, run_finetune
+
+    settings = dict(model=tiny[model], data=tiny[data], method=method, output=str(out), max_steps=6,
+                    batch_size=4, lr=5e-3, rank=4, alpha=8, calibration_samples=32, progress=False, save_steps=3)
+    settings.update(kw)
+    callbacks = settings.pop("callbacks", ())
+    return run_finetune(FinetuneConfig(**settings), callbacks=callbacks)
+
+
+# --------------------------------------------------------------------------------------------- methods
+
+
+def test_method_specs_parse_and_name_runs():
+    from astra_peft.methods import parse_method_list, parse_method_spec
+
+    spec = parse_method_spec("astra:eigen_selection=largest:lr=2e-4:calibration_samples=16")
+    assert spec.method == "astra" and spec.options == {"eigen_selection": "largest"}
+    assert spec.overrides == {"lr": 2e-4} and spec.calibration == {"calibration_samples": 16}
+    assert spec.slug == "astra-eigen_selection=largest-lr=2e-4-calibration_samples=16"
+    assert parse_method_spec("corda:corda_method=kpm").options == {"corda_method": "kpm"}
+    assert [s.name for s in parse_method_list("astra, lora,dora:lr=1e-3")] == ["astra", "lora", "dora:lr=1e-3"]
+    for bad, needle in [("astro", "unknown method"), ("astra:eigen_selection=biggest", "choose one of"),
+                        ("lora:eigen_selection=largest", "has no option"), ("astra:lr", "KEY=VALUE"),
+                        ("lora:calibration_samples=3", "has no option")]:
+        with pytest.raises(ValueError, match=needle):
+            parse_method_spec(bad)
+    with pytest.raises(ValueError, match="twice"):
+        parse_method_list("lora,lora")
+    # flags fill what the spec leaves open and never override it
+    assert parse_method_spec("astra").with_defaults(statistic="second_moment").name == "astra:statistic=second_moment"
+    kept = parse_method_spec("astra:statistic=covariance").with_defaults(statistic="second_moment")
+    assert kept.options["statistic"] == "covariance"
+    assert parse_method_spec("lora").with_defaults(eigen_selection="largest").name == "lora"
+
+
+@pytest.mark.parametrize("method", ["milora", "pissa", "olora"])
+def test_weight_driven_inits_keep_outputs(method):
+    """MiLoRA (ours) and PEFT's PiSSA/OLoRA: W ← W − s·BA makes the adapted model start where the base was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from astra_peft.methods import BuildContext, build_method, parse_method_spec
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    original = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    ctx = BuildContext(model=model, task_kind="generation", target_modules=["q_proj", "v_proj", "up_proj"],
+                       rank=4, alpha=8)
+    built = build_method(parse_method_spec(method), ctx)
+    assert built.mutates_base
+    with torch.no_grad():
+        out = built.model(input_ids=ids).logits
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+    if method == "milora":
+        layer = built.model.base_model.model.model.layers[0].mlp.up_proj
+        delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        singular = torch.linalg.svdvals(original)
+        # the adapter holds exactly the r smallest singular values of W
+        torch.testing.assert_close(torch.linalg.svdvals(delta)[:4], singular[-4:], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- finetune
+
+
+@pytest.mark.parametrize("method", ["astra", "lora", "pissa", "dora"])
+def test_finetune_generation_run_directory(tiny, tmp_path, method):
+    summary = finetune(tiny, tmp_path / method, method=method, eval_steps=3)
+    run = tmp_path / method
+    for name in ("config.json", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoints").exists()  # finished: nothing to resume
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and "grad_norm" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert all("learning_rate" in r for r in steps)
+    assert any("dev_accuracy" in r for r in records) and any("final_test_accuracy" in r for r in records)
+    assert set(summary["seconds"]) == {"calibration", "initialization", "training", "evaluation"}
+    assert summary["trainable_parameters"] > 0 and summary["steps"] == 6
+    assert {"dev", "test"} <= set(summary["final"]) and 0 <= summary["accuracy"] <= 1
+    if method in ("astra", "pissa"):  # base rewritten: a plain LoRA of rank 2r for the original base is saved
+        cfg = json.loads((run / "adapter_lora" / "adapter_config.json").read_text())
+        assert cfg["r"] == 8 and cfg["init_lora_weights"] is True
+    if method == "astra":
+        assert summary["seconds"]["calibration"] > 0
+        config = json.loads((run / "config.json").read_text())
+        assert config["method_spec"]["method"] == "astra" and config["splits"]["train"]["size"] > 0
+
+
+def test_converted_adapter_reproduces_the_finetuned_model(tiny, tmp_path):
+    """adapter_lora on the ORIGINAL base scores the dev split exactly as the fine-tuned model did (PEFT's
+    conversion of the rewritten-base adapter to a rank-2r plain LoRA)."""
+    from peft import PeftModel
+
+    from astra_peft.evaluation import evaluate
+    from astra_peft.models import load_model
+    from astra_peft.tasks import load_jsonl_task
+
+    summary = finetune(tiny, tmp_path / "run", method="astra", max_steps=3)
+    model, tok = load_model(tiny["llama"], task_kind="generation")
+    task = load_jsonl_task(tiny["gen"])
+    base_loss = evaluate(model, tok, task, "dev", progress=False)["loss"]
+    tuned = PeftModel.from_pretrained(model, str(tmp_path / "run" / "adapter_lora"))
+    metrics = evaluate(tuned, tok, task, "dev", progress=False)
+    assert metrics["loss"] == pytest.approx(summary["final"]["dev"]["loss"], rel=1e-4)
+    assert metrics["loss"] != pytest.approx(base_loss, rel=1e-4)  # and training did move it
+
+
+@pytest.mark.parametrize("method", ["lora", "astra", "full"])
+def test_finetune_classification(tiny, tmp_path, method):
+    summary = finetune(tiny, tmp_path / method, method=method, model="bert", data="cls")
+    assert 0 <= summary["accuracy"] <= 1
+    if method == "full":
+        assert (tmp_path / method / "model" / "config.json").is_file()
+        assert summary["trainable_parameters"] == summary["total_parameters"]
+    else:  # the classification head is trained with the adapter
+        assert summary["trainable_parameters"] < summary["total_parameters"]
+        saved = (tmp_path / method / "adapter" / "adapter_model.safetensors")
+        from safetensors import safe_open
+
+        with safe_open(str(saved), "pt") as fh:
+            assert any("classifier" in k for k in fh.keys())
+
+
+@pytest.mark.parametrize("method", ["eva", "corda", "corda:corda_method=kpm", "lora-ga", "rslora", "milora",
+                                    "olora"])
+def test_every_other_method_trains(tiny, tmp_path, method):
+    summary = finetune(tiny, tmp_path / "run", method=method, max_steps=2, save_steps=0)
+    assert summary["steps"] == 2 and summary["method"] == method
+
+
+def test_same_seed_same_metrics(tiny, tmp_path):
+    for name in ("a", "b"):
+        finetune(tiny, tmp_path / name, method="astra", eval_steps=2)
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (tmp_path / "b" / "metrics.jsonl").read_bytes()
+    finetune(tiny, tmp_path / "c", method="astra", eval_steps=2, seed=1)
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() != (tmp_path / "c" / "metrics.jsonl").read_bytes()
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path):
+    from transformers import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    finetune(tiny, tmp_path / "whole", method="pissa")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny, tmp_path / "cut", method="pissa", callbacks=[CtrlC()])
+    assert not (tmp_path / "cut" / "summary.json").exists()  # never looks finished
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-3").is_dir()
+    summary = finetune(tiny, tmp_path / "cut", method="pissa")
+    assert summary["resumed_from"].endswith("checkpoint-3")
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == whole
+
+
+def test_calibration_on_other_data(tiny, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(" ".join(random.Random(i).choices(WORDS, k=12)) for i in range(40)))
+    summary = finetune(tiny, tmp_path / "run", method=f"astra:calibration_data={text}", max_steps=2)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["effective"]["calibration_data"] == str(text) and summary["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def test_compare_writes_table_and_plots_and_skips_finished_runs(tiny, tmp_path):
+    from astra_peft.compare import run_compare
+    from astra_peft.training import FinetuneConfig
+
+    base = FinetuneConfig(model=tiny["llama"], data=tiny["gen"], output=str(tmp_path), max_steps=4, batch_size=4,
+                          lr=5e-3, rank=4, alpha=8, calibration_samples=32, progress=False, save_steps=0)
+    methods = "astra,astra:eigen_selection=largest,lora:lr=1e-2"
+    logs = []
+    paths = run_compare(base, methods, [0, 1], output=tmp_path / "cmp", log=logs.append)
+    for key in ("summary_md", "summary_csv", "loss_png", "grad_norm_png"):
+        assert Path(paths[key]).stat().st_size > 0
+    table = Path(paths["summary_md"]).read_text()
+    assert "astra:eigen_selection=largest" in table and " ± " in table
+    lines = Path(paths["summary_csv"]).read_text().splitlines()
+    assert lines[0].startswith("split,method") and len(lines) >= 4
+    run = tmp_path / "cmp" / "runs" / "gen" / "lora-lr=1e-2" / "seed1"
+    assert json.loads((run / "summary.json").read_text())["lr"] == 1e-2
+    assert len([m for m in logs if "running" in m]) == 6
+    logs.clear()
+    run_compare(base, methods, [0, 1], output=tmp_path / "cmp", log=logs.append)
+    assert len([m for m in logs if "skipped" in m]) == 6 and not any("running" in m for m in logs)
+
+
+def test_effective_rank_report(tmp_path):
+    from astra_peft.report import effective_rank_table, write_effective_rank
+
+    before = {"model.layers.0.self_attn.q_proj": 10.0, "model.layers.1.self_attn.q_proj": 12.0,
+              "model.layers.0.mlp.up_proj": 20.0}
+    after = {k: v + 1 for k, v in before.items()}
+    rows = effective_rank_table(before, after)
+    assert {r["layer_type"]: r["before"] for r in rows} == {"self_attn.q_proj": 11.0, "mlp.up_proj": 20.0}
+    paths = write_effective_rank(rows, tmp_path)
+    assert all(Path(p).stat().st_size > 0 for p in paths.values())

@@ -1,0 +1,105 @@
+"""Spectrum: the subset solver, the null-space policies, and the effective rank."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import make_batches, peft_model
+
+from astra_peft import AstraConfig, effective_rank, effective_ranks, initialize_astra_weights
+from astra_peft import spectrum
+from astra_peft.layers import lora_layers
+
+QUIET = dict(show_progress=False)
+GATE = "model.layers.0.mlp.gate_proj"  # d_out 64 > d_in 32: 32 structurally zero eigenvalues
+
+
+def _psd(d, rank, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, rank, generator=g, dtype=torch.float64)
+    return x @ x.T
+
+
+def test_subset_solver_matches_full_decomposition():
+    m = _psd(40, 40)
+    values, vectors = torch.linalg.eigh(m)
+    assert torch.allclose(spectrum.eigenvalues(m), values, atol=1e-9)
+    sub = spectrum.eigenvectors(m, 3, 9)
+    assert torch.allclose((sub.T @ vectors[:, 3:10]).abs(), torch.eye(7, dtype=torch.float64), atol=1e-8)
+
+
+def test_effective_rank():
+    assert effective_rank(torch.ones(10)) == pytest.approx(10)
+    assert effective_rank(torch.tensor([5.0, 0, 0])) == pytest.approx(1)
+    assert effective_rank(torch.zeros(4)) == 0.0
+
+
+def _report(null_space, selection="smallest"):
+    model = peft_model("llama")
+    report = initialize_astra_weights(model, make_batches(), AstraConfig(null_space=null_space, eigen_selection=selection, **QUIET))
+    return model, {l.name: l for l in report.layers}
+
+
+def test_rank_deficiency_is_counted_per_layer():
+    _, layers = _report("keep")
+    assert layers[GATE].selection.n_degenerate == 32
+    assert layers[GATE].selection.n_selected_degenerate == 4
+    assert layers["model.layers.0.mlp.down_proj"].selection.n_degenerate == 0
+
+
+def test_keep_policy_puts_b_in_the_left_null_space():
+    model, _ = _report("keep")
+    layer = lora_layers(model, "default")[GATE]
+    a = layer.lora_A["default"].weight
+    assert a.abs().max() < 1e-5  # A = QᵀW = 0: the paper's literal recipe starts from an empty update
+
+
+def test_exclude_policy_selects_occupied_directions():
+    model, layers = _report("exclude")
+    sel = layers[GATE].selection
+    assert sel.n_selected_degenerate == 0
+    assert min(sel.eigenvalues) > sel.threshold
+    assert sel.indices == list(range(32, 36))
+    a = lora_layers(model, "default")[GATE].lora_A["default"].weight
+    assert a.norm(dim=1).min() > 1e-3
+
+
+def test_null_space_basis_is_independent_of_the_solver(monkeypatch):
+    """Rotate the solver's basis of the degenerate space: the chosen B must not move."""
+    m = _psd(12, 7).float()  # 5 zero eigenvalues
+    config = AstraConfig(eigen_selection="smallest")
+    q1, info = spectrum.select_eigenvectors(m, 3, config, "x")
+    assert info.n_degenerate == 5 and info.n_selected_degenerate == 3
+    real = spectrum.eigenvectors
+    rot = torch.from_numpy(scipy.linalg.qr(np.random.default_rng(0).normal(size=(5, 5)))[0]).float()
+
+    def rotated(matrix, lo, hi):
+        v = real(matrix, lo, hi)
+        return v @ rot if (lo, hi) == (0, 4) else v
+
+    monkeypatch.setattr(spectrum, "eigenvectors", rotated)
+    q2, _ = spectrum.select_eigenvectors(m, 3, config, "x")
+    assert torch.allclose(q1, q2, atol=1e-5)
+    # and it is Gram–Schmidt of the null-space projector's first columns
+    null = torch.from_numpy(scipy.linalg.null_space(m.double().numpy(), rcond=1e-5))
+    assert null.shape[1] == 5
+    p = null @ null.T
+    expected, _ = torch.linalg.qr(p[:, :3])
+    assert torch.allclose((expected.T @ q1.double()).abs(), torch.eye(3, dtype=torch.float64), atol=1e-5)
+
+
+def test_exclude_needs_enough_directions():
+    m = _psd(12, 2)
+    with pytest.raises(ValueError, match="non-degenerate"):
+        spectrum.select_eigenvectors(m, 3, AstraConfig(null_space="exclude"), "x")
+
+
+def test_effective_ranks_on_a_peft_model_include_the_adapter():
+    model = peft_model("llama")
+    before = effective_ranks(model, make_batches(), max_tokens=10_000)
+    assert set(before) == set(lora_layers(model, "default"))
+    assert all(0 < v <= 64 for v in before.values())
+    for layer in lora_layers(model, "default").values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=1.0)
+    after = effective_ranks(model, make_batches())
+    assert any(abs(after[n] - before[n]) > 1e-3 for n in before)
