@@ -1,0 +1,66 @@
+"""Save/reload, merge, and conversion to a plain LoRA adapter for the ORIGINAL base model."""
+
+import copy
+
+import pytest
+import torch
+from conftest import MODELS, logits, make_batches, peft_model
+from peft import PeftModel
+
+from astra_peft import AstraConfig, initialize_astra_weights
+from astra_peft.layers import lora_layers
+
+QUIET = dict(show_progress=False)
+
+
+def _initialised(family):
+    model = peft_model(family)
+    model.eval()
+    initialize_astra_weights(model, make_batches(), AstraConfig(**QUIET))
+    return model
+
+
+def _train_a_little(model):
+    """Stand-in for training: move every adapter weight, so the adapter really differs from its init."""
+    g = torch.Generator().manual_seed(7)
+    for layer in lora_layers(model, "default").values():
+        for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            w.data += 0.05 * torch.randn(w.shape, generator=g)
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_save_and_reload_residual_base_plus_adapter(family, tmp_path):
+    model = _initialised(family)
+    _train_a_little(model)
+    batch = make_batches()[0]
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    copy.deepcopy(model).unload().save_pretrained(tmp_path / "residual_base")
+    base = type(model.get_base_model()).from_pretrained(tmp_path / "residual_base")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert (logits(reloaded, batch) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_merge_and_unload(family):
+    model = _initialised(family)
+    _train_a_little(model)
+    batch = make_batches()[0]
+    expected = logits(model, batch)
+    merged = model.merge_and_unload()
+    assert (logits(merged, batch) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_trained_adapter_converts_to_plain_lora_on_the_original_base(family, tmp_path):
+    factory = MODELS[family][0]
+    model = _initialised(family)
+    model.save_pretrained(tmp_path / "init")  # right after initialisation
+    _train_a_little(model)
+    batch = make_batches()[0]
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    converted = PeftModel.from_pretrained(factory(), tmp_path / "lora").eval()  # the untouched original
+    r = model.peft_config["default"].r
+    assert converted.peft_config["default"].r == 2 * r
+    assert (logits(converted, batch) - expected).abs().max() <= 1e-4
