@@ -1,0 +1,257 @@
+"""`astra`: fine-tune, compare and report, offline. Thin: parses arguments and calls the harness modules.
+
+    astra finetune --model smollm2-135m --task social-iqa --method astra --output runs/one
+    astra compare  --model minilm-l6 --tasks mr,nli --methods astra,astra:eigen_selection=largest,lora,dora:lr=2e-4 \
+                   --seeds 0,1,2 --output runs/cmp
+    astra analyze  runs/one
+    astra demo
+    astra models | astra tasks | astra methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+METHOD_HELP = (
+    "Method spec METHOD[:KEY=VALUE]..., e.g. astra, astra:eigen_selection=largest, dora:lr=2e-4, "
+    "corda:corda_method=kpm. KEY is lr/rank/alpha (this method only), calibration_samples/calibration_data, or "
+    "a field of the method's config (see `astra methods`). The spec names the run in tables and plots."
+)
+# FinetuneConfig fields that subcommands set themselves rather than through the shared flags.
+_OWN = {"model", "output", "task", "data", "eval_data", "method"}
+
+
+def _field_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
+    """One flag per FinetuneConfig field, with the field's help: the dataclass stays the single source of truth."""
+    from .training import FinetuneConfig
+
+    hints = typing.get_type_hints(FinetuneConfig)
+    group = parser.add_argument_group("training")
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in _OWN or f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            group.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+                               help=f"Do not: {help_text[0].lower()}{help_text[1:]}")
+            continue
+        if f.name == "target_modules":
+            group.add_argument(flag, type=lambda s: [m for m in s.split(",") if m], default=None,
+                               help=help_text + " Comma-separated.")
+            continue
+        group.add_argument(flag, type=kind if kind in (int, float) else str, default=None,
+                           help=f"{help_text} (default: {f.default})")
+
+
+def _add_data_flags(parser: argparse.ArgumentParser, many_tasks: bool = False) -> None:
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--model", required=True, help="Built-in model (see `astra models`) or a local directory.")
+    which = group.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="Built-in task (see `astra tasks`) or a .jsonl path.")
+    if many_tasks:
+        which.add_argument("--tasks", help="Several tasks, comma-separated: one table column each.")
+    which.add_argument("--data", help="A task as JSONL rows {text,label} or {prompt,completion[,choices,answer]}.")
+    group.add_argument("--eval-data", help="With --data: a JSONL test split (else dev and test are carved from it).")
+
+
+def _add_astra_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method options (shorthands for spec keys; a spec's own keys win)")
+    group.add_argument("--eigen-selection", help="Astra: smallest (default), largest, middle, lower_quartile, "
+                                                 "upper_quartile or random.")
+    group.add_argument("--statistic", help="Astra: covariance (default), second_moment or max_normalized.")
+    group.add_argument("--corda-method", choices=["ipm", "kpm"], help="CorDA: ipm (default) or kpm.")
+
+
+def _config(args, **own):
+    from .training import FinetuneConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+              if f.name not in _OWN and getattr(args, f.name, None) is not None}
+    return FinetuneConfig(**{**values, **own})
+
+
+def _with_shorthands(spec, args):
+    return spec.with_defaults(eigen_selection=getattr(args, "eigen_selection", None),
+                              statistic=getattr(args, "statistic", None),
+                              corda_method=getattr(args, "corda_method", None))
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def cmd_finetune(args) -> int:
+    from .methods import parse_method_spec
+    from .training import run_finetune
+
+    spec = _with_shorthands(parse_method_spec(args.method), args)
+    cfg = _config(args, model=args.model, task=args.task, data=args.data, eval_data=args.eval_data,
+                  method=spec.name, output=args.output)
+    summary = run_finetune(cfg, force=args.force)
+    seconds = summary["seconds"]
+    print(f"\nrun: {cfg.output}")
+    for split, metrics in summary["final"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
+        print(f"  {split}: {shown}")
+    print(f"  trainable parameters: {summary['trainable_parameters']:,}")
+    print("  wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+    from .methods import parse_method_list
+
+    specs = [_with_shorthands(s, args) for s in parse_method_list(args.methods)]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    cfg = _config(args, model=args.model, task=args.task or (tasks[0] if tasks else None), data=args.data,
+                  eval_data=args.eval_data, method=specs[0].name, output=args.output)
+    paths = run_compare(cfg, specs, seeds, tasks=tasks, output=args.output)
+    print("\n" + Path(paths["summary_md"]).read_text())
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .evaluation import analyze_run
+    from .report import effective_rank_table, write_effective_rank
+
+    before, after = analyze_run(args.run, split=args.split, samples=args.samples)
+    rows = effective_rank_table(before, after)
+    paths = write_effective_rank(rows, Path(args.output or Path(args.run) / "analysis"),
+                                 title=f"Effective rank: {Path(args.run).name}")
+    print(Path(paths["md"]).read_text())
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .compare import DEMO, demo_config, run_compare
+
+    start = time.perf_counter()
+    cfg, methods, seeds = demo_config(args.output, max_steps=args.max_steps, task=args.task)
+    methods = args.methods or methods
+    print(f"astra demo: {DEMO['model']} on {cfg.task}, methods {methods}, {cfg.max_steps} steps each → {args.output}")
+    paths = run_compare(cfg, methods, seeds, output=args.output)
+    print("\n" + Path(paths["summary_md"]).read_text())
+    print(f"plots: {paths['loss_png']}  {paths['grad_norm_png']}")
+    print(f"table: {paths['summary_md']}  {paths['summary_csv']}")
+    print(f"demo wall time: {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import BUILTIN_MODELS, cache_dir
+
+    for spec in BUILTIN_MODELS.values():
+        cached = (cache_dir() / "models" / spec.name / "config.json").is_file()
+        print(f"{spec.name:<14} {spec.kind:<10} {'cached ' if cached else 'fetch  '} {spec.description}")
+    print(f"\ncache: {cache_dir()} (set ASTRA_PEFT_CACHE to move it). Any local model directory works too.")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from .tasks import BUILTIN_CORPORA, BUILTIN_TASKS
+
+    for spec in BUILTIN_TASKS.values():
+        print(f"{spec.name:<14} {spec.kind:<15} {spec.description}")
+    for name, description in BUILTIN_CORPORA.items():
+        print(f"{name:<14} {'text corpus':<15} {description}")
+    print("\nOr --data FILE.jsonl with rows {text,label} or {prompt,completion[,choices,answer]}.")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    for method in METHODS.values():
+        data = {"activations": "data", "gradients": "data+grad"}.get(method.data, "")
+        print(f"{method.name:<8} {data:<10} {method.help}")
+        options = sorted(k for k in method.option_types())
+        print(f"{'':<19} options: {', '.join(options)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="astra", description="Fine-tune, compare and report on Astra and LoRA baselines, offline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("finetune", help="Fine-tune one model with one method; writes a run directory.")
+    _add_data_flags(p)
+    p.add_argument("--method", default="astra", help=METHOD_HELP)
+    _add_astra_flags(p)
+    p.add_argument("--output", required=True, help="Run directory.")
+    p.add_argument("--force", action="store_true", help="Start again even if the run is finished.")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("compare", help="Many methods × seeds (× tasks) in one directory, with table and plots.")
+    _add_data_flags(p, many_tasks=True)
+    p.add_argument("--methods", required=True, help="Comma-separated method specs. " + METHOD_HELP)
+    p.add_argument("--seeds", default="0", help="Comma-separated seeds (default: 0).")
+    _add_astra_flags(p)
+    p.add_argument("--output", required=True, help="Comparison directory; finished runs in it are skipped.")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("analyze", help="Effective rank (Eq. 9) of each layer type before/after fine-tuning.")
+    p.add_argument("run", help="A finished run directory.")
+    p.add_argument("--split", default="dev", help="Split whose rows are fed through the model (default: dev).")
+    p.add_argument("--samples", type=int, default=64, help="Rows to use (default: 64).")
+    p.add_argument("--output", help="Where to write the table and chart (default: RUN/analysis).")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("demo", help="SmolLM2-135M: astra vs lora vs pissa, briefly; prints the table and plots.")
+    p.add_argument("--output", default="runs/demo", help="Comparison directory (default: runs/demo).")
+    p.add_argument("--max-steps", type=int, help="Training steps per method.")
+    p.add_argument("--methods", help="Override the methods (comma-separated specs).")
+    p.add_argument("--task", help="Override the task.")
+    p.set_defaults(func=cmd_demo)
+
+    for name, func, text in (("models", cmd_models, "List built-in models."),
+                             ("tasks", cmd_tasks, "List built-in tasks and calibration corpora."),
+                             ("methods", cmd_methods, "List methods and their spec options.")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nastra: interrupted. Finished runs are kept; the interrupted one resumes from its last checkpoint "
+              "when you run the same command again.", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"astra: error: {message}", file=sys.stderr)
+        if os.environ.get("ASTRA_DEBUG"):
+            raise
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

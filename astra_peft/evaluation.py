@@ -1,0 +1,245 @@
+"""Evaluation: accuracy and loss, batched, with a progress bar.
+
+Also holds the tokenisation both training and evaluation use, so that the sequence a model is scored on is
+exactly the sequence it was trained on: prompt tokens, then completion tokens, then EOS; loss only on the
+completion (labels −100 on the prompt and on padding).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+
+
+# -------------------------------------------------------------------------------------------- encoding
+
+
+def encode_classification(tokenizer, row: dict, max_length: int) -> dict:
+    ids = tokenizer(row["text"], truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": ids, "labels": int(row["label"])}
+
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int) -> dict:
+    """The sequence is prompt + completion + EOS (tasks guarantee the text rule `prompt + completion`); the
+    completion keeps its own leading space, so tokenising the two parts apart loses nothing."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    has_eos = tokenizer.eos_token_id is not None
+    if has_eos:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    if len(completion_ids) > max(max_length - 1, 1):
+        completion_ids, has_eos = completion_ids[: max(max_length - 1, 1)], False
+    # Cut the prompt from the left: its end (the question) and the whole answer matter most.
+    keep = max_length - len(completion_ids)
+    prompt_ids = prompt_ids[-keep:] if keep > 0 else []
+    return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+            "eos": has_eos}
+
+
+def encode_row(tokenizer, row: dict, kind: str, max_length: int) -> dict:
+    if kind == "classification":
+        return encode_classification(tokenizer, row, max_length)
+    return encode_prompt_completion(tokenizer, row["prompt"], row["completion"], max_length)
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+class Collator:
+    """Right-pads `input_ids`; `attention_mask` marks real tokens; sequence labels pad with −100."""
+
+    def __init__(self, pad_token_id: int, with_labels: bool = True):
+        self.pad_token_id = pad_token_id
+        self.with_labels = with_labels
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"], dtype=torch.long)
+            mask[i, : len(f["input_ids"])] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.with_labels and "labels" in features[0]:
+            if isinstance(features[0]["labels"], int):
+                batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+            else:
+                labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+                for i, f in enumerate(features):
+                    labels[i, : len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
+                batch["labels"] = labels
+        return batch
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(items: list, size: int, desc: str, progress: bool):
+    starts = range(0, len(items), size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def sequence_nll(model, features: list[dict], collate: Collator) -> tuple[list, list, list]:
+    """Per sequence: summed negative log-likelihood of its labelled tokens, their count, and the NLL of the last
+    one (the EOS, when the sequence has it)."""
+    batch = collate(features)
+    batch = {k: v.to(_device(model)) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none").cpu()
+    counted = (targets != IGNORE_INDEX).sum(dim=1).cpu()
+    last = [nll[i, len(f["input_ids"]) - 2].item() for i, f in enumerate(features)]
+    return nll.sum(dim=1).tolist(), counted.tolist(), last
+
+
+@torch.no_grad()
+def evaluate_classification(model, tokenizer, rows, *, batch_size, max_length, desc, progress) -> dict:
+    collate = Collator(pad_id(tokenizer))
+    correct, loss_sum = 0, 0.0
+    for chunk in _batches(rows, batch_size, desc, progress):
+        batch = collate([encode_classification(tokenizer, r, max_length) for r in chunk])
+        batch = {k: v.to(_device(model)) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+    return {"loss": loss_sum / len(rows), "accuracy": correct / len(rows), "n": len(rows)}
+
+
+@torch.no_grad()
+def evaluate_generation(model, tokenizer, rows, *, batch_size, max_length, desc, progress) -> dict:
+    """Loss: mean NLL per completion token, EOS included, as in training. Accuracy, for rows with `choices` and
+    `answer`: the choice with the highest summed log-likelihood after the prompt (multiple choice and yes/no
+    alike). Each distinct continuation is run once, with EOS; a choice's score leaves the EOS term out, so a gold
+    completion that equals its choice costs no second forward pass."""
+    sequences, owners = [], []
+    for i, row in enumerate(rows):
+        for text in dict.fromkeys([*(row.get("choices") or []), row["completion"]]):
+            sequences.append(encode_prompt_completion(tokenizer, row["prompt"], text, max_length))
+            owners.append((i, text))
+    collate = Collator(pad_id(tokenizer))
+    total, count, choice = {}, {}, {}
+    # Similar lengths together: less padding; the order is fixed, so results are reproducible.
+    order = sorted(range(len(sequences)), key=lambda j: len(sequences[j]["input_ids"]))
+    for chunk in _batches(order, batch_size, desc, progress):
+        sums, counts, lasts = sequence_nll(model, [sequences[j] for j in chunk], collate)
+        for j, s, c, last in zip(chunk, sums, counts, lasts):
+            total[owners[j]], count[owners[j]] = s, c
+            choice[owners[j]] = s - last if sequences[j]["eos"] else s
+
+    loss_sum, token_sum, correct, scored = 0.0, 0, 0, 0
+    for i, row in enumerate(rows):
+        loss_sum += total[(i, row["completion"])]
+        token_sum += count[(i, row["completion"])]
+        choices, answer = row.get("choices"), row.get("answer")
+        if choices and answer is not None:
+            best = min(range(len(choices)), key=lambda k: choice[(i, choices[k])])
+            correct += int(best == int(answer))
+            scored += 1
+    metrics = {"loss": loss_sum / max(token_sum, 1), "n": len(rows)}
+    if scored:
+        metrics["accuracy"] = correct / scored
+    return metrics
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task,
+    split: str,
+    *,
+    batch_size: int = 16,
+    max_length: int = 256,
+    max_samples: Optional[int] = None,
+    progress: bool = True,
+) -> dict:
+    """Metrics of `model` on `task.splits[split]` (first `max_samples` rows): loss and, where defined, accuracy."""
+    rows = list(task.splits[split])[: max_samples or None]
+    if not rows:
+        raise ValueError(f"task {task.name!r} has no rows in split {split!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        fn = evaluate_classification if task.kind == "classification" else evaluate_generation
+        return fn(model, tokenizer, rows, batch_size=batch_size, max_length=max_length,
+                  desc=f"eval {task.name}/{split}", progress=progress)
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------- analysis
+
+
+def analyze_run(run_dir, *, split: str = "dev", samples: int = 64, batch_size: int = 8, progress: bool = True):
+    """Effective rank (paper Eq. 9) of every adapted layer's output activations on `samples` rows of `split`,
+    for the base model and for the fine-tuned one. The fine-tuned model is rebuilt from the saved weights: the
+    plain-LoRA conversion (adapter_lora/) or the adapter itself on the original base, merged; or model/ for full
+    fine-tuning. Returns (before, after), each {layer name: effective rank}."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from . import effective_ranks
+    from .models import load_model
+    from .tasks import load_jsonl_task, load_task
+
+    run = Path(run_dir)
+    if not (run / "summary.json").is_file():
+        raise ValueError(f"{run} is not a finished run (no summary.json)")
+    config = json.loads((run / "config.json").read_text())
+    task = load_task(config["task"]) if config.get("task") else load_jsonl_task(config["data"], config.get("eval_data"))
+    num_labels = len(task.labels) if task.kind == "classification" else None
+    targets = config["effective"]["target_modules"]
+    if isinstance(targets, str):
+        targets = None
+
+    rows = list(task.splits[split])[:samples]
+    if not rows:
+        raise ValueError(f"task {task.name!r} has no {split!r} rows to analyse")
+
+    def measure(model, tokenizer):
+        features = [{"input_ids": encode_row(tokenizer, r, task.kind, config["max_length"])["input_ids"]}
+                    for r in rows]
+        collate = Collator(pad_id(tokenizer), with_labels=False)
+        batches = [collate(features[i : i + batch_size]) for i in range(0, len(features), batch_size)]
+        model.eval()
+        return effective_ranks(model, batches, targets or _linear_names(model))
+
+    base, tokenizer = load_model(config["model"], task_kind=task.kind, num_labels=num_labels)
+    before = measure(base, tokenizer)
+    del base
+    if (run / "model").is_dir():
+        tuned, tokenizer = load_model(str(run / "model"), task_kind=task.kind, num_labels=num_labels)
+    else:
+        tuned, tokenizer = load_model(config["model"], task_kind=task.kind, num_labels=num_labels)
+        adapter = run / "adapter_lora" if (run / "adapter_lora").is_dir() else run / "adapter"
+        if not adapter.is_dir():
+            raise ValueError(f"{run} has no saved adapter (was it run with --no-save-weights?)")
+        if adapter.name == "adapter" and (run / "adapter_init").is_dir():
+            raise ValueError(f"{run}: the adapter needs its residual base and no plain-LoRA conversion was saved")
+        tuned = PeftModel.from_pretrained(tuned, str(adapter)).merge_and_unload()
+    after = measure(tuned, tokenizer)
+    return before, after
+
+
+def _linear_names(model) -> list[str]:
+    from .models import default_target_modules
+
+    return default_target_modules(model)

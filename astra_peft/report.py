@@ -1,0 +1,251 @@
+"""Tables and plots: summary.md / summary.csv, loss.png / grad_norm.png, and the effective-rank report.
+
+matplotlib is imported inside the plotting functions, with the Agg backend, so nothing else pays for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def collect_runs(root) -> list[dict]:
+    """Every finished run under `root`: its summary, plus its step-by-step history as `history`."""
+    runs = []
+    for summary_path in sorted(Path(root).rglob("summary.json")):
+        summary = json.loads(summary_path.read_text())
+        if "final" not in summary:  # the comparison's own summary files, not a run's
+            continue
+        summary["history"] = _read_jsonl(summary_path.parent / "metrics.jsonl")
+        runs.append(summary)
+    return runs
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _ordered(items: Sequence[str], order: Optional[Sequence[str]]) -> list[str]:
+    order = list(order or [])
+    return [m for m in order if m in items] + sorted(m for m in set(items) if m not in order)
+
+
+def _accuracy(run: dict, split: str) -> Optional[float]:
+    return run.get("final", {}).get(split, {}).get("accuracy")
+
+
+def summary_rows(runs: list[dict], split: str, methods: Optional[Sequence[str]] = None,
+                 tasks: Optional[Sequence[str]] = None) -> tuple[list[str], list[dict]]:
+    """Rows = methods, with per-task accuracies (over seeds), their average (per seed, then over seeds), the
+    final train loss, wall times and trainable parameters."""
+    tasks = _ordered([r["task"] for r in runs], tasks)
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_method[run["method"]].append(run)
+    rows = []
+    for method in _ordered(list(by_method), methods):
+        group = by_method[method]
+        row = {"method": method, "seeds": sorted({r["seed"] for r in group})}
+        for task in tasks:
+            row[task] = [_accuracy(r, split) for r in group if r["task"] == task]
+        per_seed = defaultdict(list)
+        for r in group:
+            if _accuracy(r, split) is not None:
+                per_seed[r["seed"]].append(_accuracy(r, split))
+        complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(tasks)]
+        row["average"] = complete
+        row["train_loss"] = [r.get("mean_train_loss_last10") for r in group]
+        row["prep_seconds"] = [r["seconds"]["calibration"] + r["seconds"]["initialization"] for r in group]
+        row["train_seconds"] = [r["seconds"]["training"] for r in group]
+        row["trainable_parameters"] = group[0].get("trainable_parameters")
+        rows.append(row)
+    return tasks, rows
+
+
+def _params(n: Optional[int]) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def markdown_table(runs: list[dict], split: str, methods=None, tasks=None) -> str:
+    tasks, rows = summary_rows(runs, split, methods, tasks)
+    header = ["Method", "#Params", *tasks, "Average", "Train loss", "Calib.+init (s)", "Training (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"], _params(row["trainable_parameters"])]
+        cells += [_cell(row[t]) for t in tasks]
+        cells += [_cell(row["average"]), _cell(row["train_loss"], 1.0, 4),
+                  _cell(row["prep_seconds"], 1.0, 1), _cell(row["train_seconds"], 1.0, 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _available_splits(runs: list[dict]) -> list[str]:
+    return sorted({s for r in runs for s, m in r.get("final", {}).items() if m.get("accuracy") is not None})
+
+
+def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "dev", methods=None, tasks=None,
+                  title: str = "Comparison") -> dict:
+    """summary.md, summary.csv, loss.png and grad_norm.png in `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    runs = collect_runs(out_dir) if runs is None else runs
+    if not runs:
+        raise ValueError(f"no finished runs under {out_dir}")
+    splits = [split] + [s for s in _available_splits(runs) if s != split]
+    seeds = sorted({r["seed"] for r in runs})
+    md = [f"# {title}", "",
+          f"Accuracy (%) as mean ± std over seeds {', '.join(map(str, seeds))} (sample std; 0 with one seed). "
+          f"Average: per seed over tasks, then mean ± std. Train loss: mean of the last 10 logged steps. "
+          f"Times: wall seconds per run.", ""]
+    for s in splits:
+        md += [f"## {s} split", "", markdown_table(runs, s, methods, tasks), ""]
+    (out_dir / "summary.md").write_text("\n".join(md))
+
+    with open(out_dir / "summary.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        for i, s in enumerate(splits):
+            task_names, rows = summary_rows(runs, s, methods, tasks)
+            if i == 0:
+                writer.writerow(["split", "method", "n_seeds", "trainable_parameters",
+                                 *[f"{t}_{x}" for t in task_names for x in ("mean", "std")],
+                                 "average_mean", "average_std", "train_loss_mean", "train_loss_std",
+                                 "prep_seconds_mean", "train_seconds_mean"])
+            for row in rows:
+                values = [v for t in task_names for v in _mean_std(row[t])]
+                writer.writerow([s, row["method"], len(row["seeds"]), row["trainable_parameters"], *values,
+                                 *_mean_std(row["average"]), *_mean_std(row["train_loss"]),
+                                 _mean_std(row["prep_seconds"])[0], _mean_std(row["train_seconds"])[0]])
+    paths = {"summary_md": out_dir / "summary.md", "summary_csv": out_dir / "summary.csv"}
+    paths["loss_png"] = plot_curves(runs, "loss", out_dir / "loss.png", methods=methods, tasks=tasks)
+    paths["grad_norm_png"] = plot_curves(runs, "grad_norm", out_dir / "grad_norm.png", methods=methods, tasks=tasks)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, max_step: Optional[int] = None):
+    """One panel per task; per method the mean over seeds at each step, shaded between min and max (the paper's
+    Figures 1 and 5)."""
+    plt = _pyplot()
+    tasks = _ordered([r["task"] for r in runs], tasks)
+    methods = _ordered([r["method"] for r in runs], methods)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(axes[0], tasks):
+        for i, method in enumerate(methods):
+            curves = defaultdict(list)
+            for run in runs:
+                if run["task"] == task and run["method"] == method:
+                    for rec in run["history"]:
+                        if key in rec and (max_step is None or rec["step"] <= max_step):
+                            curves[rec["step"]].append(rec[key])
+            if not curves:
+                continue
+            steps = sorted(curves)
+            mean = [statistics.fmean(curves[s]) for s in steps]
+            color = colors[i % len(colors)]
+            ax.plot(steps, mean, label=method, color=color, linewidth=1.4)
+            if any(len(curves[s]) > 1 for s in steps):
+                ax.fill_between(steps, [min(curves[s]) for s in steps], [max(curves[s]) for s in steps],
+                                color=color, alpha=0.2, linewidth=0)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel({"loss": "training loss", "grad_norm": "gradient norm"}.get(key, key))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ effective rank
+
+
+def layer_type(name: str) -> str:
+    """The name within a block: "model.layers.3.self_attn.q_proj" → "self_attn.q_proj"."""
+    parts = name.split(".")
+    index = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    return ".".join(parts[index + 1 :]) or name
+
+
+def effective_rank_table(before: dict[str, float], after: dict[str, float]) -> list[dict]:
+    """Per layer type (self_attn.q_proj, mlp.up_proj, …): mean effective rank over the blocks' layers."""
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"before": [], "after": []})
+    for name, value in before.items():
+        groups[layer_type(name)]["before"].append(value)
+    for name, value in after.items():
+        groups[layer_type(name)]["after"].append(value)
+    rows = []
+    for kind, values in groups.items():
+        b = statistics.fmean(values["before"]) if values["before"] else math.nan
+        a = statistics.fmean(values["after"]) if values["after"] else math.nan
+        rows.append({"layer_type": kind, "layers": max(len(values["before"]), len(values["after"])),
+                     "before": b, "after": a, "change": a - b})
+    return rows
+
+
+def write_effective_rank(rows: list[dict], out_dir, title: str = "Effective rank") -> dict:
+    """effective_rank.md / .csv and a grouped bar chart effective_rank.png (the paper's Figure 3)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", "", "Effective rank (Eq. 9) of each layer type's output activations, mean over layers.",
+          "", "| Layer type | Layers | Before | After | Change |", "|---|---|---|---|---|"]
+    md += [f"| {r['layer_type']} | {r['layers']} | {r['before']:.2f} | {r['after']:.2f} | {r['change']:+.2f} |"
+           for r in rows]
+    (out_dir / "effective_rank.md").write_text("\n".join(md) + "\n")
+    with open(out_dir / "effective_rank.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["layer_type", "layers", "before", "after", "change"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["before"] for r in rows], width=0.4, label="before fine-tuning")
+    ax.bar([x + 0.2 for x in xs], [r["after"] for r in rows], width=0.4, label="after fine-tuning")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["layer_type"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("effective rank")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "effective_rank.png", dpi=120)
+    plt.close(fig)
+    return {"md": out_dir / "effective_rank.md", "csv": out_dir / "effective_rank.csv",
+            "png": out_dir / "effective_rank.png"}

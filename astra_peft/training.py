@@ -1,0 +1,439 @@
+"""Fine-tune one model with one method on one task: a run directory, built on transformers' Trainer.
+
+A run directory holds, in the order they are written:
+  config.json      the resolved configuration (method spec, hyperparameters, data fingerprints, versions)
+  adapter_init/    the adapter right after initialisation (methods that rewrite the base weights)
+  checkpoints/     Trainer checkpoints, for resuming; removed once the run is finished
+  metrics.jsonl    one line per step (loss, grad_norm, learning_rate) and per evaluation
+  adapter/         the trained adapter in PEFT format (for the residual base when the method rewrote it)
+  adapter_lora/    the same adapter as a rank-2r plain LoRA of the original base model, where that applies
+  summary.json     final metrics, wall times, parameter counts: written last and atomically, so a run
+                   directory with a summary.json is finished and one without is not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .evaluation import Collator, encode_row, evaluate, pad_id
+from .methods import BuildContext, build_method, parse_method_spec
+
+# Keys of Trainer logs kept out of metrics.jsonl: times (so two runs with one seed give byte-identical files;
+# wall times live in summary.json) and the end-of-training averages, which after a resume cover only the resumed
+# part (the per-step losses are all there).
+_DROPPED_KEYS = ("runtime", "per_second", "train_loss", "total_flos")
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. Defaults follow the paper's Appendix F where it has one (AdamW, cosine schedule,
+    warmup ratio 0.03, no weight decay, dropout 0, LoRA rank 8 and α 16, 64 calibration samples)."""
+
+    model: str = field(metadata={"help": "Built-in model name (see `astra models`) or a local model directory."})
+    output: str = field(metadata={"help": "Run directory."})
+    task: Optional[str] = field(default=None, metadata={"help": "Built-in task name (see `astra tasks`)."})
+    data: Optional[str] = field(default=None, metadata={"help": "A task as a JSONL file, instead of --task."})
+    eval_data: Optional[str] = field(
+        default=None, metadata={"help": "With --data: a JSONL test split (else dev and test are carved from it)."}
+    )
+    method: str = field(default="astra", metadata={"help": "Method spec: METHOD[:KEY=VALUE]..."})
+    rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling α/r)."})
+    target_modules: Optional[list] = field(
+        default=None, metadata={"help": "Module names to adapt; default: every linear layer of the blocks."}
+    )
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1: `epochs` over the train split."})
+    epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is -1."})
+    batch_size: int = field(default=8, metadata={"help": "Per-device train batch size."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and calibration sample."})
+    max_length: int = field(default=256, metadata={"help": "Maximum tokens per training sequence."})
+    warmup: float = field(default=0.03, metadata={"help": "Warmup: a ratio of the steps if < 1, else steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type."})
+    optim: str = field(default="adamw_torch", metadata={"help": "transformers optimizer name."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: none)."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
+    train_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many training rows."})
+    eval_split: str = field(default="dev", metadata={"help": "Split evaluated during training: dev or test."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
+    eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on at most N rows per split."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Sequences per evaluation batch."})
+    calibration_samples: int = field(default=64, metadata={"help": "Calibration samples (data-driven methods)."})
+    calibration_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "Calibrate on another task, a text corpus (e.g. xsum) or a text/JSONL file."},
+    )
+    calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per calibration batch."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps, for resuming."})
+    save_weights: bool = field(default=True, metadata={"help": "Save the trained adapter (or full model)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self):
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give exactly one of --task or --data")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        parse_method_spec(self.method)  # fail before any model is loaded
+
+
+class RunInterrupted(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def is_finished(run_dir) -> bool:
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_valid_checkpoint(run_dir: Path) -> Optional[Path]:
+    """Newest checkpoint whose trainer_state.json exists: the Trainer writes that file last, so a checkpoint
+    cut short by Ctrl-C is passed over for the one before it."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = []
+    for ckpt in folder.glob("checkpoint-*"):
+        step = ckpt.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (ckpt / "trainer_state.json").is_file():
+            found.append((int(step), ckpt))
+    return max(found)[1] if found else None
+
+
+def _load_task(cfg: FinetuneConfig):
+    from .tasks import load_jsonl_task, load_task
+
+    return load_task(cfg.task) if cfg.task else load_jsonl_task(cfg.data, cfg.eval_data)
+
+
+def _sample(rows: Sequence, n: int, seed: int) -> list:
+    rows = list(rows)
+    if n >= len(rows):
+        return rows
+    return random.Random(seed).sample(rows, n)
+
+
+def _calibration_features(tokenizer, source: str, n: int, seed: int, max_length: int) -> list[dict]:
+    """Calibrate on something other than the task's training rows: another task's training texts, a text
+    corpus (xsum) or a .txt/.jsonl file, as plain text."""
+    from .tasks import load_text_corpus
+
+    texts = _sample(load_text_corpus(source), n, seed)
+    return [{"input_ids": tokenizer(t, truncation=True, max_length=max_length)["input_ids"]} for t in texts]
+
+
+def _batched(features: list[dict], size: int, collate: Collator, device, desc: Optional[str], progress: bool):
+    from tqdm.auto import tqdm
+
+    def batches() -> Iterable[dict]:
+        starts = range(0, len(features), size)
+        if desc:
+            starts = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch")
+        for start in starts:
+            yield {k: v.to(device) for k, v in collate(features[start : start + size]).items()}
+
+    return batches
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"astra_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+
+def make_trainer(*, model, cfg: FinetuneConfig, run: Path, lr: float, train_features, collate, evaluator,
+                 prior_train_seconds: float = 0.0, callbacks: Sequence = ()):
+    """A plain transformers Trainer (so `accelerate launch` / `torchrun` work unchanged) whose evaluation is
+    ours (accuracy by likelihood, not just loss) and whose logs go to metrics.jsonl."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class HarnessTrainer(Trainer):
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            metrics = evaluator(self.model)
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    class MetricsWriter(TrainerCallback):
+        """Every log line (loss, grad_norm, learning_rate each step; evaluations) → metrics.jsonl."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            record = {k: v for k, v in logs.items() if not any(t in k for t in _DROPPED_KEYS)}
+            if set(record) <= {"epoch"}:
+                return
+            record["step"] = state.global_step
+            with open(run / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    class Clock(TrainerCallback):
+        """Keeps the training wall time with each checkpoint, so a resumed run reports its whole cost."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                seconds = prior_train_seconds + time.perf_counter() - self.start
+                write_json_atomic(ckpt / "harness_clock.json", {"train_seconds": seconds})
+
+    args = TrainingArguments(
+        output_dir=str(run / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        learning_rate=lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=1,
+        eval_strategy="steps" if cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=2,  # the newest may be cut short by Ctrl-C; the one before it then serves
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.dtype == "bfloat16" and torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=not cfg.progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    return HarnessTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_features,
+        eval_dataset=train_features[:1] if cfg.eval_steps > 0 else None,  # unused: our evaluate() has its data
+        data_collator=collate,
+        callbacks=[MetricsWriter(), Clock(), *callbacks],
+    )
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool = False) -> dict:
+    """Fine-tune as `cfg` says and return the summary. A finished run is returned as it is (unless `force`);
+    an unfinished one resumes from its last checkpoint, or starts again if it has none."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from .models import default_target_modules, load_model
+
+    run = Path(cfg.output)
+    if is_finished(run) and not force:
+        return json.loads((run / "summary.json").read_text())
+    if force and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    state = PartialState()
+
+    spec = parse_method_spec(cfg.method)
+    lr = spec.overrides.get("lr", cfg.lr)
+    rank = spec.overrides.get("rank", cfg.rank)
+    alpha = spec.overrides.get("alpha", cfg.alpha)
+    calibration_samples = spec.calibration.get("calibration_samples", cfg.calibration_samples)
+    calibration_data = spec.calibration.get("calibration_data", cfg.calibration_data)
+
+    task = _load_task(cfg)
+    if cfg.eval_split not in task.splits or not task.splits[cfg.eval_split]:
+        raise ValueError(f"task {task.name!r} has no {cfg.eval_split!r} split to evaluate on")
+    num_labels = len(task.labels) if task.kind == "classification" else None
+    dtype = getattr(torch, cfg.dtype)
+
+    set_seed(cfg.seed)  # the classification head and LoRA's random A are drawn from here
+    model, tokenizer = load_model(cfg.model, task_kind=task.kind, num_labels=num_labels, dtype=dtype)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id(tokenizer)  # sequence classification finds the last real token by it
+    model.to(state.device)
+    target_modules = cfg.target_modules or default_target_modules(model)
+
+    train_rows = list(task.splits["train"])
+    if cfg.train_samples:
+        train_rows = _sample(train_rows, cfg.train_samples, cfg.seed)
+    train_features = [encode_row(tokenizer, r, task.kind, cfg.max_length) for r in train_rows]
+    if not train_features:
+        raise ValueError(f"task {task.name!r} has an empty train split")
+
+    checkpoint = last_valid_checkpoint(run)
+    metrics_path = run / "metrics.jsonl"
+    if checkpoint is None:  # a fresh start: nothing of an earlier attempt may leak into this one
+        for stale in ("metrics.jsonl", "adapter", "adapter_lora", "adapter_init", "model", "checkpoints"):
+            target = run / stale
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        prior_train_seconds = 0.0
+    else:  # drop what was logged after the checkpoint we resume from
+        trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+        step = trainer_state["global_step"]
+        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step and not any(k.startswith("final_") for k in r)]
+        metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        clock = checkpoint / "harness_clock.json"
+        prior_train_seconds = json.loads(clock.read_text())["train_seconds"] if clock.exists() else 0.0
+
+    resolved = {
+        **asdict(cfg),
+        "method_spec": {"name": spec.name, "method": spec.method, "options": spec.options},
+        "effective": {"lr": lr, "rank": rank, "alpha": alpha, "calibration_samples": calibration_samples,
+                      "calibration_data": calibration_data, "target_modules": target_modules},
+        "task_name": task.name,
+        "task_kind": task.kind,
+        "splits": task.split_info(),
+        "versions": _versions(),
+    }
+    if state.is_main_process:
+        write_json_atomic(run / "config.json", resolved)
+
+    collate = Collator(pad_id(tokenizer))
+    calibration_batches = gradient_batches = None
+    if _needs_data(spec):
+        if calibration_data:
+            calib_features = _calibration_features(tokenizer, calibration_data, calibration_samples, cfg.seed,
+                                                   cfg.max_length)
+        else:
+            calib_features = _sample(train_features, calibration_samples, cfg.seed)
+        no_labels = Collator(pad_id(tokenizer), with_labels=False)
+        calibration_batches = _batched(calib_features, cfg.calibration_batch_size, no_labels, state.device,
+                                       "calibration", cfg.progress)
+        gradient_batches = _batched(_sample(train_features, calibration_samples, cfg.seed), cfg.batch_size,
+                                    collate, state.device, "gradient estimation", cfg.progress)
+
+    set_seed(cfg.seed)
+    ctx = BuildContext(model=model, task_kind=task.kind, target_modules=target_modules, rank=rank, alpha=alpha,
+                       seed=cfg.seed, calibration_batches=calibration_batches, gradient_batches=gradient_batches)
+    built = build_method(spec, ctx)
+    model = built.model
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and built.mutates_base and cfg.save_weights and state.is_main_process:
+        model.save_pretrained(str(run / "adapter_init"))
+    trainable, total = count_parameters(model)
+
+    trainer = make_trainer(
+        model=model, cfg=cfg, run=run, lr=lr, train_features=train_features, collate=collate,
+        evaluator=lambda m: _prefixed(evaluate(m, tokenizer, task, cfg.eval_split, batch_size=cfg.eval_batch_size,
+                                               max_length=cfg.max_length, max_samples=cfg.eval_samples,
+                                               progress=cfg.progress), cfg.eval_split),
+        prior_train_seconds=prior_train_seconds, callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = prior_train_seconds + time.perf_counter() - start
+
+    # Final evaluation: the chosen split, then test if it is another one.
+    start = time.perf_counter()
+    final = {}
+    for split in dict.fromkeys([cfg.eval_split, "test"]):
+        if task.splits.get(split):
+            final[split] = evaluate(model, tokenizer, task, split, batch_size=cfg.eval_batch_size,
+                                    max_length=cfg.max_length, max_samples=cfg.eval_samples,
+                                    progress=cfg.progress)
+            trainer.log({f"final_{split}_{k}": v for k, v in final[split].items() if k != "n"})
+    eval_seconds = time.perf_counter() - start
+
+    if not state.is_main_process:
+        return {}
+    if cfg.save_weights:
+        _save_weights(model, tokenizer, run, is_peft, built.mutates_base)
+    history = read_jsonl(metrics_path)
+    losses = [r["loss"] for r in history if "loss" in r]
+    summary = {
+        "run": str(run),
+        "method": spec.name,
+        "base_method": spec.method,
+        "task": task.name,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "lr": lr,
+        "rank": rank,
+        "alpha": alpha,
+        "steps": trainer.state.global_step,
+        "final": final,
+        "metric_split": cfg.eval_split,
+        "accuracy": final.get(cfg.eval_split, {}).get("accuracy"),
+        "test_accuracy": final.get("test", {}).get("accuracy"),
+        "final_train_loss": losses[-1] if losses else None,
+        "mean_train_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "seconds": {"calibration": built.calibration_seconds, "initialization": built.init_seconds,
+                    "training": train_seconds, "evaluation": eval_seconds},
+        "init_report": built.report,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+    }
+    write_json_atomic(run / "summary.json", summary)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the run is finished: nothing left to resume
+    return summary
+
+
+def _needs_data(spec) -> bool:
+    from .methods import METHODS
+
+    return METHODS[spec.method].data is not None
+
+
+def _prefixed(metrics: dict, split: str) -> dict:
+    return {f"{split}_{k}": v for k, v in metrics.items() if k != "n"}
+
+
+def _save_weights(model, tokenizer, run: Path, is_peft: bool, mutates_base: bool) -> None:
+    if not is_peft:
+        model.save_pretrained(str(run / "model"))
+        tokenizer.save_pretrained(str(run / "model"))
+        return
+    model.save_pretrained(str(run / "adapter"))
+    if mutates_base and (run / "adapter_init").is_dir():
+        # PEFT's own conversion: the difference to the initial adapter as a rank-2r LoRA of the original base.
+        model.save_pretrained(str(run / "adapter_lora"),
+                              path_initial_model_for_weight_conversion=str(run / "adapter_init"))
+
+
+def steps_for(cfg: FinetuneConfig, n_train: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
