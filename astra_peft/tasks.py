@@ -1,0 +1,404 @@
+"""Built-in tasks on real data, provisioned offline from registry packages, with fixed train/dev/test splits.
+
+Sources: BIG-bench task files from the `bigbench==1.0.0` sdist, and Pang & Lee's sentence polarity CSV shipped in
+Debian's `python3-pattern`. Only the few files needed are kept under `<cache>/data/`.
+
+Generation rows follow one rule: the training text is exactly `prompt + completion`, and choice i is scored as
+`prompt + choices[i]`. Prompts end in "Answer:", completions and choices carry their own leading space, and
+`completion.startswith(choices[answer])` holds for every built-in generation task.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .models import FetchError, atomic_path, cache_dir, downloads_dir, fetch_failure, fetch_pip_file, run_streaming
+
+# Splits never depend on a run's seed: every run and every method sees the same rows.
+SPLIT_SEED = 1234
+
+BIGBENCH = "bigbench==1.0.0"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+# cache name -> folder under bigbench/benchmark_tasks/ in the sdist. elementary_math_qa has five subtasks with the
+# same questions and different hints; question_only is the plain word problem.
+BIGBENCH_FILES = {
+    "strategyqa": "strategyqa",
+    "social_iqa": "social_iqa",
+    "elementary_math_qa": "elementary_math_qa/question_only",
+    "intent_recognition": "intent_recognition",
+    "presuppositions_as_nli": "presuppositions_as_nli",
+    "xsum": "gem/xsum",
+}
+PATTERN_DEB = "python3-pattern"
+PANG_LEE_CSV = "polarity-en-pang&lee2.csv"
+PANG_LEE_IN_DEB = f"usr/share/doc/python3-pattern/test/corpora/{PANG_LEE_CSV}"
+MAX_PROMPT_WORDS = 120  # drops 17 of 7,688 math questions; keeps every prompt within a couple hundred tokens
+
+
+@dataclass
+class Task:
+    """Classification rows: {"text": str, "label": int}. Generation rows: {"prompt", "completion", "choices",
+    "answer"}, where choices/answer are None for free-form data (see the module docstring for the text rule)."""
+
+    name: str
+    kind: str  # "classification" | "generation"
+    labels: list[str] | None
+    splits: dict[str, list[dict]]  # "train", "dev", "test"
+
+    def split_info(self) -> dict:
+        return {split: {"size": len(rows), "sha256": rows_sha256(rows)} for split, rows in self.splits.items()}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str
+    description: str
+    source: str
+    n_test: int
+    n_dev: int
+
+
+def rows_sha256(rows: list[dict]) -> str:
+    canonical = json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def fixed_split(rows: list[dict], n_test: int, n_dev: int, groups: list[str] | None = None) -> dict[str, list[dict]]:
+    """Shuffle with SPLIT_SEED and cut test, dev, then train. Rows sharing a group key (the same question, or an
+    NLI premise's minimal pairs) stay in one split, so a split can overshoot its size by less than one group."""
+    keys = groups if groups is not None else [str(i) for i in range(len(rows))]
+    members: dict[str, list[dict]] = defaultdict(list)
+    for key, row in zip(keys, rows):
+        members[key].append(row)
+    order = list(members)  # first-appearance order, so the shuffle only depends on the data and SPLIT_SEED
+    random.Random(SPLIT_SEED).shuffle(order)
+    splits: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
+    for key in order:
+        name = "test" if len(splits["test"]) < n_test else "dev" if len(splits["dev"]) < n_dev else "train"
+        splits[name].extend(members[key])
+    if not splits["train"]:
+        raise ValueError(f"{len(rows)} rows are too few for {n_test} test and {n_dev} dev rows")
+    return splits
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------------------------------- fetching
+def bigbench_file(key: str) -> Path:
+    """`<cache>/data/bigbench/<folder>/task.json`; the first missing file triggers one pass over the sdist."""
+    dest = cache_dir() / "data" / "bigbench" / BIGBENCH_FILES[key] / "task.json"
+    if not dest.is_file():
+        _extract_bigbench()
+    return dest
+
+
+def _extract_bigbench() -> None:
+    root = cache_dir() / "data" / "bigbench"
+    wanted = {f"bigbench-1.0.0/bigbench/benchmark_tasks/{folder}/task.json": root / folder / "task.json"
+              for folder in BIGBENCH_FILES.values()}
+    sdist = fetch_pip_file(BIGBENCH, BIGBENCH_SDIST)  # 358 MB; removed below once its few files are out
+    with open(sdist, "rb") as raw, tqdm.wrapattr(raw, "read", total=sdist.stat().st_size,
+                                                  desc="scan bigbench sdist") as reader:
+        with tarfile.open(fileobj=reader, mode="r|gz") as tar:  # streaming: one sequential pass
+            for member in tar:
+                dest = wanted.get(member.name)
+                if dest is not None and member.isfile():
+                    with atomic_path(dest) as tmp:
+                        tmp.write_bytes(tar.extractfile(member).read())
+    missing = [str(p) for p in wanted.values() if not p.is_file()]
+    if missing:
+        raise FetchError(f"{sdist} lacks expected task files: {missing}; delete it and retry")
+    sdist.unlink(missing_ok=True)
+
+
+def pang_lee_file() -> Path:
+    """`<cache>/data/pattern/polarity-en-pang&lee2.csv`, cut out of Debian's python3-pattern package."""
+    dest = cache_dir() / "data" / "pattern" / PANG_LEE_CSV
+    if dest.is_file():
+        return dest
+    deb = _apt_download(PATTERN_DEB)
+    with tempfile.TemporaryDirectory(dir=downloads_dir(), prefix=".deb-") as tmp:
+        cmd = ["dpkg", "-x", str(deb), tmp]
+        print(f"[astra-peft] unpacking {deb.name} ...", file=sys.stderr)
+        code, output = run_streaming(cmd)
+        src = Path(tmp) / PANG_LEE_IN_DEB
+        if code != 0 or not src.is_file():
+            raise fetch_failure(cmd, code, output, f"Unpack {deb.name} by other means (`ar x` then tar) and copy "
+                                f"{PANG_LEE_IN_DEB} to {dest}")
+        with atomic_path(dest) as part:
+            shutil.copyfile(src, part)
+    deb.unlink(missing_ok=True)
+    return dest
+
+
+_APT_NO_LISTS = re.compile(r"Unable to locate package|has no installation candidate|Can't select|404\s+Not Found")
+
+
+def _apt_download(package: str) -> Path:
+    dl = downloads_dir()
+    dl.mkdir(parents=True, exist_ok=True)
+    if found := sorted(dl.glob(f"{package}_*.deb")):
+        return found[-1]
+    remedy = (f"Run `apt-get update` as root, or fetch {package}'s .deb on any Debian/Ubuntu machine "
+              f"(`apt-get download {package}`) and put it in {dl}/, or copy the CSV to "
+              f"{cache_dir() / 'data' / 'pattern' / PANG_LEE_CSV}")
+    with tempfile.TemporaryDirectory(dir=dl, prefix=".apt-") as tmp:
+        cmd = ["apt-get", "download", package]
+        code, output = run_streaming(cmd, cwd=tmp)
+        if code != 0 and _APT_NO_LISTS.search(output):  # empty or stale package lists: refresh once and retry
+            update = ["apt-get", "update"]
+            ucode, uout = run_streaming(update)
+            if ucode != 0:
+                raise fetch_failure(update, ucode, uout, remedy)
+            code, output = run_streaming(cmd, cwd=tmp)
+        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if code != 0 or not debs:
+            raise fetch_failure(cmd, code, output, remedy)
+        final = dl / debs[-1].name
+        shutil.move(debs[-1], final)
+    return final
+
+
+# --------------------------------------------------------------------------------------------- built-in tasks
+def _bigbench_examples(key: str) -> list[dict]:
+    """Examples with exact duplicates dropped, and dropped entirely when copies disagree on the answer."""
+    examples = json.loads(bigbench_file(key).read_text(encoding="utf-8"))["examples"]
+    seen: dict[str, list[dict]] = defaultdict(list)
+    for ex in examples:
+        seen[json.dumps([ex["input"], sorted(ex.get("target_scores", {}))])].append(ex)
+    out = []
+    for copies in seen.values():
+        answers = {json.dumps(c.get("target_scores"), sort_keys=True) for c in copies}
+        if len(answers) == 1:
+            out.append(copies[0])
+    return out
+
+
+def _correct(ex: dict) -> str:
+    return max(ex["target_scores"], key=ex["target_scores"].get)
+
+
+def _mr():
+    with open(pang_lee_file(), encoding="utf-8-sig", newline="") as f:
+        rows = [{"text": _clean(text), "label": int(value == "1")} for value, text in csv.reader(f)]
+    return ["negative", "positive"], rows, None
+
+
+def _intent():
+    examples = _bigbench_examples("intent_recognition")
+    intents = sorted(examples[0]["target_scores"])
+    rows = [{"text": _clean(ex["input"].removeprefix("Utterance:")), "label": intents.index(_correct(ex))}
+            for ex in examples]
+    return [i.replace("_", " ") for i in intents], rows, None
+
+
+def _nli():
+    labels = ["entailment", "neutral", "contradiction"]
+    examples = _bigbench_examples("presuppositions_as_nli")
+    rows, groups = [], []
+    for ex in examples:
+        body = ex["input"].strip().removesuffix("The answer is:").strip()
+        first, second = body.split("\nSentence 2:")
+        text = f"{_clean(first)}\nSentence 2: {_clean(second)}"
+        rows.append({"text": text, "label": labels.index(_correct(ex))})
+        groups.append(ex["comment"]["example_id"])  # minimal pairs share a premise: keep them together
+    return labels, rows, groups
+
+
+def _strategyqa_yn():
+    rows = [{"text": _clean(ex["input"]), "label": int(_correct(ex) == "Yes")}
+            for ex in _bigbench_examples("strategyqa")]
+    return ["no", "yes"], rows, None
+
+
+def _mc_row(question: str, choices: list[str], answer: int, completion: str | None = None) -> dict:
+    choices = [" " + _clean(c) for c in choices]
+    return {"prompt": f"Question: {_clean(question)}\nAnswer:", "completion": completion or choices[answer],
+            "choices": choices, "answer": answer}
+
+
+def _strategyqa():
+    rows = []
+    for ex in _bigbench_examples("strategyqa"):
+        answer = ["Yes", "No"].index(_correct(ex))
+        target = _clean(ex["target"])  # "Yes. <rationale>" as BIG-bench gives it
+        if not target.startswith(("Yes", "No")[answer]):
+            target = f"{('Yes', 'No')[answer]}. {target}"
+        rows.append(_mc_row(ex["input"], ["Yes", "No"], answer, " " + target))
+    return None, rows, None
+
+
+def _multiple_choice(key: str):
+    def build():
+        rows = []
+        for ex in _bigbench_examples(key):
+            if len(ex["input"].split()) > MAX_PROMPT_WORDS:
+                continue
+            choices = list(ex["target_scores"])
+            rows.append(_mc_row(ex["input"], choices, choices.index(_correct(ex))))
+        return None, rows, None
+    return build
+
+
+BUILTIN_TASKS: dict[str, TaskSpec] = {s.name: s for s in [
+    TaskSpec("mr", "classification", "Pang & Lee movie-review sentence polarity (negative/positive)",
+             f"debian:{PATTERN_DEB} {PANG_LEE_CSV}", 500, 200),
+    TaskSpec("intent", "classification", "Utterance intent, 7 classes (BIG-bench intent_recognition)",
+             f"pypi:{BIGBENCH} intent_recognition", 200, 100),
+    TaskSpec("nli", "classification", "Presupposition NLI: entailment/neutral/contradiction",
+             f"pypi:{BIGBENCH} presuppositions_as_nli", 200, 100),
+    TaskSpec("strategyqa-yn", "classification", "StrategyQA question classified as no/yes",
+             f"pypi:{BIGBENCH} strategyqa", 500, 200),
+    TaskSpec("strategyqa", "generation", "StrategyQA: ' Yes.'/' No.' then the rationale; scored Yes vs No",
+             f"pypi:{BIGBENCH} strategyqa", 500, 200),
+    TaskSpec("math-qa", "generation", "Elementary math word problems, multiple choice by log-likelihood",
+             f"pypi:{BIGBENCH} elementary_math_qa/question_only", 500, 200),
+    TaskSpec("social-iqa", "generation", "Social IQa commonsense, 3-way multiple choice by log-likelihood",
+             f"pypi:{BIGBENCH} social_iqa", 500, 200),
+]}
+_BUILDERS = {"mr": _mr, "intent": _intent, "nli": _nli, "strategyqa-yn": _strategyqa_yn,
+             "strategyqa": _strategyqa, "math-qa": _multiple_choice("elementary_math_qa"),
+             "social-iqa": _multiple_choice("social_iqa")}
+BUILTIN_CORPORA = {"xsum": "GEM XSum news articles (BIG-bench gem/xsum, 1,001 articles), for calibration only"}
+
+
+def load_task(name: str) -> Task:
+    """A built-in task (fetched on first use) or, for a path ending in .jsonl, load_jsonl_task(path)."""
+    if name in BUILTIN_CORPORA:
+        raise ValueError(f"{name!r} is a calibration corpus, not a task: use load_text_corpus({name!r})")
+    if name not in BUILTIN_TASKS:
+        if name.endswith(".jsonl") and Path(name).is_file():
+            return load_jsonl_task(name)
+        raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)} (or a .jsonl path)")
+    spec = BUILTIN_TASKS[name]
+    labels, rows, groups = _BUILDERS[name]()
+    return Task(name, spec.kind, labels, fixed_split(rows, spec.n_test, spec.n_dev, groups or _group_keys(rows)))
+
+
+def _group_keys(rows: list[dict]) -> list[str]:
+    """The same text or prompt never lands in two splits (an empty prompt groups by its completion)."""
+    return [row["text"] if "text" in row else row["prompt"].strip() or row["completion"] for row in rows]
+
+
+def load_text_corpus(name: str) -> list[str]:
+    """Calibration texts: "xsum" articles, a built-in task's training texts (prompt + completion for generation),
+    or the training texts of a .jsonl file / the non-empty lines of a .txt file."""
+    if name == "xsum":
+        examples = json.loads(bigbench_file("xsum").read_text(encoding="utf-8"))["examples"]
+        return [ex["input"].strip() for ex in examples]
+    if name in BUILTIN_TASKS or name.endswith(".jsonl"):
+        task = load_task(name)
+        return [r["text"] if task.kind == "classification" else r["prompt"] + r["completion"]
+                for r in task.splits["train"]]
+    if name.endswith(".txt") and Path(name).is_file():
+        return [line.strip() for line in Path(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise KeyError(f"unknown corpus {name!r}; use xsum, a built-in task ({', '.join(BUILTIN_TASKS)}), "
+                   f"or a .jsonl/.txt path")
+
+
+# ------------------------------------------------------------------------------------------------ user data
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: bad JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _row_kind(path: Path, lineno: int, row: dict) -> str:
+    gen, cls = {"prompt", "completion"} & row.keys(), {"text", "label"} & row.keys()
+    if gen and cls:
+        raise ValueError(f"{path}:{lineno}: mixes generation keys {sorted(gen)} with classification keys {sorted(cls)}")
+    if not gen and not cls:
+        raise ValueError(f"{path}:{lineno}: needs keys prompt+completion (generation) or text+label (classification)")
+    needed = ("prompt", "completion") if gen else ("text", "label")
+    for key in needed:
+        if key not in row:
+            raise ValueError(f"{path}:{lineno}: missing key {key!r}")
+    return "generation" if gen else "classification"
+
+
+def _generation_row(path: Path, lineno: int, row: dict) -> dict:
+    prompt, completion = row["prompt"], row["completion"]
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise ValueError(f"{path}:{lineno}: prompt and completion must be strings")
+    if not completion.strip():
+        raise ValueError(f"{path}:{lineno}: empty completion")
+    choices, answer = row.get("choices"), row.get("answer")
+    if (choices is None) != (answer is None):
+        raise ValueError(f"{path}:{lineno}: give both choices and answer, or neither")
+    if choices is not None and not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)
+                                    and isinstance(answer, int) and 0 <= answer < len(choices)):
+        raise ValueError(f"{path}:{lineno}: choices must be a non-empty list of strings and answer an index into it")
+    return {"prompt": prompt, "completion": completion, "choices": choices, "answer": answer}
+
+
+def _check_label(path: Path, lineno: int, row: dict) -> None:
+    text, label = row["text"], row["label"]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{path}:{lineno}: empty text" if isinstance(text, str) else f"{path}:{lineno}: text must be a string")
+    if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "" or (isinstance(label, int) and label < 0):
+        raise ValueError(f"{path}:{lineno}: label must be a non-empty string or a non-negative integer, got {label!r}")
+
+
+def load_jsonl_task(train_path, eval_path=None, *, name: str | None = None) -> Task:
+    """A task from JSON-lines files of {"prompt","completion"} or {"text","label"} rows (label: a string or an
+    int; string labels get ids in sorted order). Without eval_path, test and dev (10% each, at most 200 rows) are
+    carved from train with SPLIT_SEED; with it, eval_path is the test split and dev is carved from train."""
+    files = [(Path(train_path), _read_jsonl(Path(train_path)))]
+    if eval_path is not None:
+        files.append((Path(eval_path), _read_jsonl(Path(eval_path))))
+    first_path, (first_line, first_row) = files[0][0], files[0][1][0]
+    kind = _row_kind(first_path, first_line, first_row)
+    for path, rows in files:
+        for lineno, row in rows:
+            if (k := _row_kind(path, lineno, row)) != kind:
+                raise ValueError(f"{path}:{lineno}: mixed kinds: this row is {k} but {first_path}:{first_line} is {kind}")
+    labels = None
+    if kind == "generation":
+        parsed = [[_generation_row(path, n, r) for n, r in rows] for path, rows in files]
+    else:
+        seen_type = None
+        for path, rows in files:
+            for lineno, row in rows:
+                _check_label(path, lineno, row)
+                seen_type = seen_type or type(row["label"])
+                if type(row["label"]) is not seen_type:
+                    raise ValueError(f"{path}:{lineno}: label {row['label']!r} mixes string and integer labels")
+        values = [r["label"] for _, rows in files for _, r in rows]
+        labels = sorted(set(values)) if seen_type is str else [str(i) for i in range(max(values) + 1)]
+        ids = {label: i for i, label in enumerate(labels)} if seen_type is str else None
+        parsed = [[{"text": r["text"], "label": ids[r["label"]] if ids else r["label"]} for _, r in rows]
+                  for _, rows in files]
+    train = parsed[0]
+    n_carve = min(200, max(1, len(train) // 10))
+    splits = fixed_split(train, 0 if eval_path is not None else n_carve, n_carve, _group_keys(train))
+    if eval_path is not None:
+        splits["test"] = parsed[1]
+    return Task(name or Path(train_path).stem, kind, labels, splits)
