@@ -70,15 +70,17 @@ def make_generation_jsonl(path: Path, n: int = 60) -> Path:
     return path
 
 
-def make_classification_jsonl(path: Path, n: int = 60) -> Path:
+def make_classification_jsonl(path: Path, n: int = 60, words: int = 4) -> Path:
     rng = random.Random(1)
     good, bad = ["great", "fun", "loved", "good"], ["awful", "dull", "hated", "bad"]
     with open(path, "w") as fh:
         for _ in range(n):
             label = rng.randrange(2)
-            words = rng.sample(good if label else bad, 2) + rng.sample(["movie", "film", "plot", "acting"], 2)
-            rng.shuffle(words)
-            fh.write(json.dumps({"text": " ".join(words), "label": ["negative", "positive"][label]}) + "\n")
+            half = words // 2
+            text = rng.choices(good if label else bad, k=half) + rng.choices(["movie", "film", "plot", "acting"],
+                                                                             k=words - half)
+            rng.shuffle(text)
+            fh.write(json.dumps({"text": " ".join(text), "label": ["negative", "positive"][label]}) + "\n")
     return path
 
 

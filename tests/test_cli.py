@@ -1,0 +1,122 @@
+"""The `astra` command line: every subcommand's --help, finetune/compare/analyze end to end on tiny models,
+clean errors, and one real-model smoke test (MiniLM, fetched once into the cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_harness import make_classification_jsonl, make_generation_jsonl, make_tiny_llama
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SUBCOMMANDS = ["finetune", "compare", "analyze", "demo", "models", "tasks", "methods"]
+FAST = ["--max-steps", "3", "--batch-size", "4", "--rank", "4", "--alpha", "8", "--lr", "5e-3",
+        "--calibration-samples", "32", "--no-progress"]
+
+
+def astra(*args) -> subprocess.CompletedProcess:
+    """The installed console script's entry point, in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-c", "import sys; from astra_peft.cli import main; sys.exit(main())",
+                           *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"llama": make_tiny_llama(root / "llama"), "gen": make_generation_jsonl(root / "gen.jsonl"),
+            "root": root}
+
+
+def test_help_for_every_subcommand(capsys):
+    from astra_peft.cli import main
+
+    for command in [[], *[[c] for c in SUBCOMMANDS]]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: astra")
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--method", "--eigen-selection", "--statistic", "--calibration-samples", "--calibration-data",
+                 "--rank", "--alpha", "--target-modules", "--max-steps", "--batch-size", "--lr", "--seed",
+                 "--eval-split", "--output"):
+        assert flag in text, flag
+
+
+def test_listings(capsys):
+    from astra_peft.cli import main
+
+    assert main(["models"]) == 0 and "smollm2-135m" in capsys.readouterr().out
+    assert main(["tasks"]) == 0 and "social-iqa" in capsys.readouterr().out
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for method in ("astra", "lora", "rslora", "dora", "pissa", "milora", "olora", "corda", "lora-ga", "eva", "full"):
+        assert f"\n{method} " in "\n" + out, method
+
+
+def test_finetune_then_analyze(tiny, tmp_path):
+    run = tmp_path / "run"
+    done = astra("finetune", "--model", tiny["llama"], "--data", tiny["gen"], "--method", "astra",
+                 "--eigen-selection", "largest", "--output", run, *FAST)
+    assert done.returncode == 0, done.stderr
+    assert "trainable parameters" in done.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "astra:eigen_selection=largest"
+    assert config["method_spec"]["options"]["eigen_selection"] == "largest"
+    again = astra("finetune", "--model", tiny["llama"], "--data", tiny["gen"], "--method", "astra",
+                  "--eigen-selection", "largest", "--output", run, *FAST)
+    assert again.returncode == 0  # finished: returned as it is
+
+    analyzed = astra("analyze", run, "--samples", "8")
+    assert analyzed.returncode == 0, analyzed.stderr
+    assert "self_attn.q_proj" in analyzed.stdout
+    for name in ("effective_rank.md", "effective_rank.csv", "effective_rank.png"):
+        assert (run / "analysis" / name).stat().st_size > 0
+
+
+def test_compare_command(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    done = astra("compare", "--model", tiny["llama"], "--data", tiny["gen"], "--methods", "astra,lora,milora",
+                 "--seeds", "0,1", "--output", out, *FAST, "--save-steps", "0")
+    assert done.returncode == 0, done.stderr
+    assert "| astra |" in done.stdout and "loss_png" in done.stdout
+    assert {p.name for p in out.iterdir()} >= {"summary.md", "summary.csv", "loss.png", "grad_norm.png", "runs"}
+
+
+def test_errors_surface_cleanly(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Question: is one more ?", "completion": " yes"}\n{"prompt": "oops"\n')
+    done = astra("finetune", "--model", tiny["llama"], "--data", bad, "--method", "lora", "--output",
+                 tmp_path / "run", *FAST)
+    assert done.returncode == 2
+    assert done.stderr.startswith("astra: error:") and "bad.jsonl:2" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    for args, needle in [(["--method", "astra:eigen_selection=biggest"], "choose one of"),
+                         (["--method", "sora"], "unknown method")]:
+        done = astra("finetune", "--model", tiny["llama"], "--data", tiny["gen"], *args, "--output",
+                     tmp_path / "run2", *FAST)
+        assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run2" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_real_model_smoke_minilm(tmp_path):
+    """Fetches all-MiniLM-L6-v2 into the cache (once) and fine-tunes it a few steps with Astra."""
+    # MiniLM's 1536-wide FFN layers need > 1536 calibration tokens for the covariance's tail to mean anything.
+    data = make_classification_jsonl(tmp_path / "cls.jsonl", n=120, words=16)
+    run = tmp_path / "minilm"
+    done = astra("finetune", "--model", "minilm-l6", "--data", data, "--method", "astra", "--output", run,
+                 "--max-steps", "4", "--batch-size", "8", "--calibration-samples", "96", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and 0 <= summary["accuracy"] <= 1
+    assert (run / "adapter_lora" / "adapter_config.json").is_file()
