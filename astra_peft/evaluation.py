@@ -100,12 +100,25 @@ def sequence_nll(model, features: list[dict], collate: Collator) -> tuple[list, 
     batch = collate(features)
     batch = {k: v.to(_device(model)) for k, v in batch.items()}
     labels = batch.pop("labels")
-    logits = model(**batch).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none").cpu()
-    counted = (targets != IGNORE_INDEX).sum(dim=1).cpu()
-    last = [nll[i, len(f["input_ids"]) - 2].item() for i, f in enumerate(features)]
-    return nll.sum(dim=1).tolist(), counted.tolist(), last
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+    rows = scored.nonzero()[:, 0]
+    targets = labels[:, 1:][scored[:, :-1]]
+    try:
+        # Only the scored positions go through the (vocabulary-sized) output layer: most of a choice's
+        # sequence is prompt. Models without a boolean `logits_to_keep` take the plain path below.
+        logits = model(**batch, logits_to_keep=scored).logits
+        if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+            raise TypeError
+    except TypeError:
+        logits = model(**batch).logits[:, :-1][scored[:, :-1]]
+    nll = F.cross_entropy(logits.float(), targets, reduction="none").cpu()
+    rows = rows.cpu()
+    sums = torch.zeros(len(features)).index_add_(0, rows, nll)
+    counts = torch.bincount(rows, minlength=len(features))
+    last_index = torch.cumsum(counts, 0) - 1
+    last = [nll[i].item() if c > 0 else 0.0 for i, c in zip(last_index.tolist(), counts.tolist())]
+    return sums.tolist(), counts.tolist(), last
 
 
 @torch.no_grad()
