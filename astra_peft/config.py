@@ -62,8 +62,8 @@ class AstraConfig:
         default=None,
         metadata={
             "help": (
-                "Eigenvalues ≤ null_space_rtol · λ_max count as degenerate. None uses "
-                "d · eps(accumulation_dtype), the tolerance of numpy.linalg.matrix_rank."
+                "Eigenvalues ≤ null_space_rtol · λ_max count as degenerate. None uses d · eps(float64), "
+                "the tolerance of numpy.linalg.matrix_rank for the float64 decomposition."
             )
         },
     )
@@ -81,7 +81,13 @@ class AstraConfig:
     )
     accumulation_dtype: Literal["float32", "float64"] = field(
         default="float32",
-        metadata={"help": "dtype of the accumulated sums and of the eigendecomposition."},
+        metadata={
+            "help": (
+                "dtype of the accumulated sums (Σy, Σyyᵀ). The statistic is then formed and decomposed in "
+                "float64 whatever this is. float64 halves the Gram throughput but keeps the far tail of "
+                "spectra with massive activations above rounding noise."
+            )
+        },
     )
     stats_device: Literal["model", "cpu"] = field(
         default="model",

@@ -82,20 +82,19 @@ def selection_indices(n: int, r: int, how: str, seed: int = 0, name: str = "") -
     return np.arange(start, start + r)
 
 
-def degenerate_threshold(values: torch.Tensor, config: AstraConfig, dtype: torch.dtype) -> float:
+def degenerate_threshold(values: torch.Tensor, config: AstraConfig) -> float:
     rtol = config.null_space_rtol
-    if rtol is None:  # numpy.linalg.matrix_rank's tolerance
-        rtol = values.shape[0] * torch.finfo(dtype).eps
+    if rtol is None:  # numpy.linalg.matrix_rank's tolerance, for the float64 decomposition
+        rtol = values.shape[0] * torch.finfo(torch.float64).eps
     return rtol * max(float(values[-1]), 0.0)
 
 
 def select_eigenvectors(matrix: torch.Tensor, r: int, config: AstraConfig, name: str) -> tuple[torch.Tensor, Selection]:
     """The (d, r) orthonormal basis Q Astra puts in B, chosen by `config`, and what was chosen."""
-    if not matrix.is_cuda:
-        matrix = matrix.cpu()
+    matrix = matrix.to(device=matrix.device if matrix.is_cuda else "cpu", dtype=torch.float64)
     d = matrix.shape[0]
     values = eigenvalues(matrix)
-    threshold = degenerate_threshold(values, config, matrix.dtype)
+    threshold = degenerate_threshold(values, config)
     k = int((values <= threshold).sum())
     base = k if config.null_space == "exclude" else 0
     if d - base < r:
@@ -119,7 +118,7 @@ def select_eigenvectors(matrix: torch.Tensor, r: int, config: AstraConfig, name:
         # One solver call for the contiguous span; a random pick spans (almost) everything anyway.
         span = eigenvectors(matrix, int(regular[0]), int(regular[-1]))
         parts.append(span[:, torch.from_numpy(regular - regular[0])])
-    q = _canonical_signs(torch.cat(parts, dim=1).to(matrix.dtype))
+    q = _canonical_signs(torch.cat(parts, dim=1))
     info = Selection(
         indices=idx.tolist(),
         eigenvalues=values[torch.from_numpy(idx)].tolist(),
@@ -140,23 +139,27 @@ def _null_space_basis(matrix: torch.Tensor, k: int, m: int) -> torch.Tensor:
     """
     d = matrix.shape[0]
     if k <= d - k:
-        n_basis = eigenvectors(matrix, 0, k - 1).to(torch.float64)
+        n_basis = eigenvectors(matrix, 0, k - 1)
         project = lambda cols: n_basis @ n_basis[cols].T  # noqa: E731
     else:  # the complement is smaller: P = I − U Uᵀ with U the non-degenerate eigenvectors
-        u = eigenvectors(matrix, k, d - 1).to(torch.float64)
-        project = lambda cols: torch.eye(d, dtype=torch.float64)[:, cols] - u @ u[cols].T  # noqa: E731
+        u = eigenvectors(matrix, k, d - 1)
+        project = lambda cols: torch.eye(d, dtype=u.dtype)[:, cols] - u @ u[cols].T  # noqa: E731
     chosen: list[torch.Tensor] = []
-    for j in range(d):
-        v = project([j])[:, 0]
-        for c in chosen:
-            v = v - (c @ v) * c
-        for c in chosen:  # twice is enough (Kahan–Parlett)
-            v = v - (c @ v) * c
-        norm = v.norm()
-        if norm > 0.5 * (k / d) ** 0.5:  # P e_j has squared norm k/d on average
-            chosen.append(v / norm)
-            if len(chosen) == m:
-                break
+    start = 0
+    while len(chosen) < m and start < d:
+        cols = list(range(start, min(d, start + 8 * m)))
+        block = project(cols)
+        for j in range(block.shape[1]):
+            v = block[:, j]
+            for _ in range(2):  # twice is enough (Kahan–Parlett)
+                for c in chosen:
+                    v = v - (c @ v) * c
+            norm = v.norm()
+            if norm > 0.5 * (k / d) ** 0.5:  # P e_j has squared norm k/d on average
+                chosen.append(v / norm)
+                if len(chosen) == m:
+                    break
+        start += len(cols)
     if len(chosen) < m:
         raise RuntimeError(f"Could not build {m} null-space directions from a {k}-dimensional eigenspace.")
     return torch.stack(chosen, dim=1)

@@ -78,7 +78,7 @@ class ActivationStats:
     def output_statistic(
         self, name: str, statistic: str, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """The d_out × d_out matrix `statistic` of layer `name`'s outputs, in the accumulation dtype.
+        """The d_out × d_out matrix `statistic` of layer `name`'s outputs, in float64.
 
         Input-side statistics need the layer's (d_out, d_in) `weight` and `bias`: for y = Wx + b,
         Cov(y) = W Cov(x) Wᵀ and E[yyᵀ] = W E[xxᵀ] Wᵀ + (Wμ)bᵀ + b(Wμ)ᵀ + bbᵀ.
@@ -88,10 +88,13 @@ class ActivationStats:
         acc = self.accumulators[self.layers[name].acc]
         if acc.tokens == 0:
             raise ValueError(f"Layer '{name}' received no calibration tokens.")
+        # Formed in float64 whatever the accumulation dtype: with LLMs' massive activations (λ_max ~1e6
+        # times the median eigenvalue) float32 rounding of W·C·Wᵀ or of the centring would swamp the tail.
+        gram, total = acc.gram.to(torch.float64), acc.sum.to(torch.float64)
         if acc.kind == "max_normalized":
-            return acc.gram / acc.sequences
-        mean = acc.sum / acc.tokens
-        moment = acc.gram / acc.tokens
+            return gram / acc.sequences
+        mean = total / acc.tokens
+        moment = gram / acc.tokens
         matrix = moment - torch.outer(mean, mean) if statistic == "covariance" else moment
         if acc.kind == "output":
             return matrix
