@@ -244,6 +244,7 @@ def make_trainer(*, model, cfg: FinetuneConfig, run: Path, lr: float, train_feat
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
+        use_cpu=_cpu_only(),
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     return HarnessTrainer(
@@ -273,7 +274,9 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
     if force and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
-    state = PartialState()
+    # On a machine without accelerators, torchrun/accelerate launch processes only form a group (gloo) when the
+    # state is created with cpu=True; the Trainer below is told the same through `use_cpu`.
+    state = PartialState(cpu=_cpu_only())
 
     spec = parse_method_spec(cfg.method)
     lr = spec.overrides.get("lr", cfg.lr)
@@ -376,39 +379,44 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
             trainer.log({f"final_{split}_{k}": v for k, v in final[split].items() if k != "n"})
     eval_seconds = time.perf_counter() - start
 
-    if not state.is_main_process:
-        return {}
-    if cfg.save_weights:
-        _save_weights(model, tokenizer, run, is_peft, built.mutates_base)
-    history = read_jsonl(metrics_path)
-    losses = [r["loss"] for r in history if "loss" in r]
-    summary = {
-        "run": str(run),
-        "method": spec.name,
-        "base_method": spec.method,
-        "task": task.name,
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "lr": lr,
-        "rank": rank,
-        "alpha": alpha,
-        "steps": trainer.state.global_step,
-        "final": final,
-        "metric_split": cfg.eval_split,
-        "accuracy": final.get(cfg.eval_split, {}).get("accuracy"),
-        "test_accuracy": final.get("test", {}).get("accuracy"),
-        "final_train_loss": losses[-1] if losses else None,
-        "mean_train_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "seconds": {"calibration": built.calibration_seconds, "initialization": built.init_seconds,
-                    "training": train_seconds, "evaluation": eval_seconds},
-        "init_report": built.report,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-    }
-    write_json_atomic(run / "summary.json", summary)
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the run is finished: nothing left to resume
-    return summary
+    if state.is_main_process:
+        if cfg.save_weights:
+            _save_weights(model, tokenizer, run, is_peft, built.mutates_base)
+        history = read_jsonl(metrics_path)
+        losses = [r["loss"] for r in history if "loss" in r]
+        summary = {
+            "run": str(run),
+            "method": spec.name,
+            "base_method": spec.method,
+            "task": task.name,
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "lr": lr,
+            "rank": rank,
+            "alpha": alpha,
+            "steps": trainer.state.global_step,
+            "final": final,
+            "metric_split": cfg.eval_split,
+            "accuracy": final.get(cfg.eval_split, {}).get("accuracy"),
+            "test_accuracy": final.get("test", {}).get("accuracy"),
+            "final_train_loss": losses[-1] if losses else None,
+            "mean_train_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "seconds": {"calibration": built.calibration_seconds, "initialization": built.init_seconds,
+                        "training": train_seconds, "evaluation": eval_seconds},
+            "init_report": built.report,
+            "resumed_from": str(checkpoint) if checkpoint else None,
+        }
+        write_json_atomic(run / "summary.json", summary)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the run is finished: nothing left to resume
+    state.wait_for_everyone()  # every process returns the summary the main one wrote
+    return json.loads((run / "summary.json").read_text())
+
+
+def _cpu_only() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 def _needs_data(spec) -> bool:
