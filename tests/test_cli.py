@@ -4,6 +4,7 @@ clean errors, and one real-model smoke test (MiniLM, fetched once into the cache
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,3 +121,21 @@ def test_real_model_smoke_minilm(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and 0 <= summary["accuracy"] <= 1
     assert (run / "adapter_lora" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tiny, tmp_path):
+    """The same command under torchrun: one process group on CPU (gloo), one metrics line per step."""
+    run = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "astra_peft.cli", "finetune", "--model", str(tiny["llama"]), "--data", str(tiny["gen"]),
+                           "--method", "astra", "--output", str(run), *FAST],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]
+    # two processes share each epoch: twice the samples per step
+    config = json.loads((run / "config.json").read_text())
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["epoch"] == pytest.approx(1 / math.ceil(config["splits"]["train"]["size"] / (2 * 4)))
