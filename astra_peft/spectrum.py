@@ -61,6 +61,12 @@ def eigenvectors(matrix: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.from_numpy(vectors)
 
 
+def full_eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
+    if matrix.is_cuda:
+        return torch.linalg.eigh(matrix)[1]
+    return torch.from_numpy(scipy.linalg.eigh(matrix.numpy(), driver="evd", check_finite=False)[1])
+
+
 def selection_indices(n: int, r: int, how: str, seed: int = 0, name: str = "") -> np.ndarray:
     """r ascending indices into a spectrum of n eigenvalues (see `AstraConfig.eigen_selection`)."""
     if how == "smallest":
@@ -113,8 +119,13 @@ def select_eigenvectors(matrix: torch.Tensor, r: int, config: AstraConfig, name:
     regular = idx[idx >= k]
     parts = []
     if len(degenerate):
-        parts.append(_null_space_basis(matrix, k, len(degenerate)))
-    if len(regular):
+        # The projector onto a k-dimensional cluster needs min(k, d-k) vectors, typically hundreds:
+        # one divide-and-conquer decomposition is cheaper than asking MRRR for them.
+        full = full_eigenvectors(matrix)
+        parts.append(_null_space_basis(full, k, len(degenerate)))
+        if len(regular):
+            parts.append(full[:, torch.from_numpy(regular)])
+    elif len(regular):
         # One solver call for the contiguous span; a random pick spans (almost) everything anyway.
         span = eigenvectors(matrix, int(regular[0]), int(regular[-1]))
         parts.append(span[:, torch.from_numpy(regular - regular[0])])
@@ -130,19 +141,19 @@ def select_eigenvectors(matrix: torch.Tensor, r: int, config: AstraConfig, name:
     return q, info
 
 
-def _null_space_basis(matrix: torch.Tensor, k: int, m: int) -> torch.Tensor:
-    """m orthonormal vectors of the k-dimensional degenerate eigenspace, chosen deterministically.
+def _null_space_basis(vectors: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """m orthonormal vectors of the degenerate eigenspace spanned by `vectors[:, :k]`, chosen deterministically.
 
     A solver's basis of a degenerate eigenspace is arbitrary and differs across LAPACK builds; the
     projector P onto the space is not. Gram–Schmidt on P's columns e_0, e_1, … in order, skipping
     columns that add little, gives a basis that depends only on P.
     """
-    d = matrix.shape[0]
+    d = vectors.shape[0]
     if k <= d - k:
-        n_basis = eigenvectors(matrix, 0, k - 1)
+        n_basis = vectors[:, :k]
         project = lambda cols: n_basis @ n_basis[cols].T  # noqa: E731
     else:  # the complement is smaller: P = I − U Uᵀ with U the non-degenerate eigenvectors
-        u = eigenvectors(matrix, k, d - 1)
+        u = vectors[:, k:]
         project = lambda cols: torch.eye(d, dtype=u.dtype)[:, cols] - u @ u[cols].T  # noqa: E731
     chosen: list[torch.Tensor] = []
     start = 0
