@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 import traceback
@@ -109,17 +108,3 @@ def demo_config(output, **overrides) -> tuple[FinetuneConfig, str, list[int]]:
     methods, seeds = settings.pop("methods"), settings.pop("seeds")
     cfg = FinetuneConfig(output=str(output), method="lora", save_steps=10, **settings)
     return cfg, methods, seeds
-
-
-def read_table(output) -> str:
-    text = (Path(output) / "summary.md").read_text()
-    return text
-
-
-def demo_paths(output) -> dict:
-    output = Path(output)
-    return {name: output / name for name in ("summary.md", "summary.csv", "loss.png", "grad_norm.png")}
-
-
-def describe(paths: dict) -> str:
-    return json.dumps({k: str(v) for k, v in paths.items()}, indent=2)

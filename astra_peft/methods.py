@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,7 @@ def _coerce(key: str, raw: str, hint: Any, method: str):
     args = typing.get_args(hint)
     if raw.lower() == "none" and (hint is type(None) or type(None) in args):
         return None
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:

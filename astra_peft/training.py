@@ -28,12 +28,6 @@ import torch
 from .evaluation import Collator, encode_row, evaluate, pad_id
 from .methods import BuildContext, build_method, parse_method_spec
 
-# Keys of Trainer logs kept out of metrics.jsonl: times (so two runs with one seed give byte-identical files;
-# wall times live in summary.json) and the end-of-training averages, which after a resume cover only the resumed
-# part (the per-step losses are all there).
-_DROPPED_KEYS = ("runtime", "per_second", "train_loss", "total_flos")
-
-
 @dataclass
 class FinetuneConfig:
     """One fine-tuning run. Defaults follow the paper's Appendix F where it has one (AdamW, cosine schedule,
@@ -177,86 +171,6 @@ def _versions() -> dict:
             "peft": peft.__version__}
 
 
-# ------------------------------------------------------------------------------------------ the trainer
-
-
-def make_trainer(*, model, cfg: FinetuneConfig, run: Path, lr: float, train_features, collate, evaluator,
-                 prior_train_seconds: float = 0.0, callbacks: Sequence = ()):
-    """A plain transformers Trainer (so `accelerate launch` / `torchrun` work unchanged) whose evaluation is
-    ours (accuracy by likelihood, not just loss) and whose logs go to metrics.jsonl."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    class HarnessTrainer(Trainer):
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            metrics = evaluator(self.model)
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
-
-    class MetricsWriter(TrainerCallback):
-        """Every log line (loss, grad_norm, learning_rate each step; evaluations) → metrics.jsonl."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            record = {k: v for k, v in logs.items() if not any(t in k for t in _DROPPED_KEYS)}
-            if set(record) <= {"epoch"}:
-                return
-            record["step"] = state.global_step
-            with open(run / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record, sort_keys=True) + "\n")
-
-    class Clock(TrainerCallback):
-        """Keeps the training wall time with each checkpoint, so a resumed run reports its whole cost."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and ckpt.is_dir():
-                seconds = prior_train_seconds + time.perf_counter() - self.start
-                write_json_atomic(ckpt / "harness_clock.json", {"train_seconds": seconds})
-
-    args = TrainingArguments(
-        output_dir=str(run / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.epochs,
-        learning_rate=lr,
-        lr_scheduler_type=cfg.scheduler,
-        warmup_steps=cfg.warmup,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=1,
-        eval_strategy="steps" if cfg.eval_steps > 0 else "no",
-        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        save_total_limit=2,  # the newest may be cut short by Ctrl-C; the one before it then serves
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cfg.dtype == "bfloat16" and torch.cuda.is_available(),
-        report_to="none",
-        disable_tqdm=not cfg.progress,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        dataloader_num_workers=0,
-        use_cpu=_cpu_only(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    return HarnessTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_features,
-        eval_dataset=train_features[:1] if cfg.eval_steps > 0 else None,  # unused: our evaluate() has its data
-        data_collator=collate,
-        callbacks=[MetricsWriter(), Clock(), *callbacks],
-    )
-
-
 # ------------------------------------------------------------------------------------------- the run
 
 
@@ -276,7 +190,7 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
     run.mkdir(parents=True, exist_ok=True)
     # On a machine without accelerators, torchrun/accelerate launch processes only form a group (gloo) when the
     # state is created with cpu=True; the Trainer below is told the same through `use_cpu`.
-    state = PartialState(cpu=_cpu_only())
+    state = PartialState(cpu=cpu_only())
 
     spec = parse_method_spec(cfg.method)
     lr = spec.overrides.get("lr", cfg.lr)
@@ -357,6 +271,8 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
         model.save_pretrained(str(run / "adapter_init"))
     trainable, total = count_parameters(model)
 
+    from .trainer import make_trainer
+
     trainer = make_trainer(
         model=model, cfg=cfg, run=run, lr=lr, train_features=train_features, collate=collate,
         evaluator=lambda m: _prefixed(evaluate(m, tokenizer, task, cfg.eval_split, batch_size=cfg.eval_batch_size,
@@ -414,7 +330,7 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
     return json.loads((run / "summary.json").read_text())
 
 
-def _cpu_only() -> bool:
+def cpu_only() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
