@@ -1,0 +1,164 @@
+"""The reproduction study (docs/results.md), as resumable `astra compare` batches.
+
+    python study/run_study.py --list                 # phases, their commands and how far each got
+    python study/run_study.py nlu-lr nlu-main        # run phases in order; finished runs are skipped
+    python study/run_study.py all --dry-run
+
+Every number in docs/results.md comes from a run directory under study/runs/, which
+`study/make_results.py` turns into the tables. Run directories hold no weights (--no-save-weights),
+so they are committed and a later session continues where an interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE / "runs"
+ASTRA = [sys.executable, "-m", "astra_peft.cli"]
+
+# --- the settings every run of a model shares (stated in docs/results.md) --------------------------------
+NLU = dict(model="minilm-l6", rank=8, alpha=16, batch=16, max_length=128, steps=150, eval_samples=500)
+NLG = dict(model="smollm2-135m", rank=8, alpha=8, batch=4, max_length=160, steps=60, eval_samples=100)
+NLU_TASKS = ["mr", "intent", "nli", "strategyqa-yn"]
+NLG_TASKS = ["strategyqa", "math-qa", "social-iqa"]
+NLU_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "rslora", "dora", "pissa", "milora", "olora",
+               "corda", "lora-ga", "eva", "full"]
+NLG_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "pissa", "milora", "corda", "lora-ga", "full"]
+SEEDS = "0,1,2"
+# learning-rate grids, tuned per method family on the dev split of one task, seed 0
+ADAPTER_LRS = ["1e-4", "5e-4", "2e-3"]
+FULL_LRS = ["2e-5", "1e-4", "5e-4"]
+
+
+def common(cfg: dict, steps: int | None = None) -> list[str]:
+    return ["--model", cfg["model"], "--rank", str(cfg["rank"]), "--alpha", str(cfg["alpha"]),
+            "--batch-size", str(cfg["batch"]), "--max-length", str(cfg["max_length"]),
+            "--max-steps", str(steps or cfg["steps"]), "--eval-samples", str(cfg["eval_samples"]),
+            "--no-save-weights", "--no-progress"]
+
+
+def tuned_lr(phase: str, family_methods: list[str], grid: list[str]) -> str:
+    """The grid value with the best mean dev accuracy over `family_methods` in a finished tuning phase."""
+    scores: dict[str, list[float]] = {lr: [] for lr in grid}
+    for summary in (RUNS / phase).rglob("summary.json"):
+        s = json.loads(summary.read_text())
+        base, lr = s.get("base_method"), s.get("lr")
+        spec_lr = next((g for g in grid if float(g) == float(lr)), None)
+        if base in family_methods and spec_lr is not None:
+            scores[spec_lr].append(s["final"]["dev"]["accuracy"])
+    done = {lr: sum(v) / len(v) for lr, v in scores.items() if v}
+    if len(done) < len(grid):
+        raise SystemExit(f"Phase '{phase}' has not finished: run it first (missing {set(grid) - set(done)}).")
+    return max(done, key=done.get)
+
+
+def lr_specs(methods: list[str], adapter_lr: str, full_lr: str) -> str:
+    return ",".join(f"{m}:lr={full_lr if m.split(':')[0] == 'full' else adapter_lr}" for m in methods)
+
+
+def phases() -> dict[str, callable]:
+    """Phase name → a function returning the compare commands (evaluated lazily: later phases read tuning)."""
+
+    def tuning(cfg, task, out):
+        adapters = [f"{m}:lr={lr}" for m in ("lora", "astra") for lr in ADAPTER_LRS]
+        full = [f"full:lr={lr}" for lr in FULL_LRS]
+        return [ASTRA + ["compare", "--task", task, "--methods", ",".join(adapters + full), "--seeds", "0",
+                         "--eval-split", "dev", "--output", str(RUNS / out)] + common(cfg)]
+
+    def lrs(out):
+        return tuned_lr(out, ["lora", "astra"], ADAPTER_LRS), tuned_lr(out, ["full"], FULL_LRS)
+
+    def main_table(cfg, tasks, methods, tune, out):
+        a, f = lrs(tune)
+        return [ASTRA + ["compare", "--tasks", ",".join(tasks), "--methods", lr_specs(methods, a, f),
+                         "--seeds", SEEDS, "--output", str(RUNS / out)] + common(cfg)]
+
+    def effective_rank():
+        """Fine-tune astra and lora keeping the weights (small for MiniLM), then measure Eq. 9 before/after."""
+        a, _ = lrs("nlu-lr")
+        out = RUNS / "effective-rank"
+        train = ASTRA + ["compare", "--task", "mr", "--methods", f"astra:lr={a},lora:lr={a}", "--seeds", "0",
+                         "--output", str(out)] + [c for c in common(NLU) if c != "--no-save-weights"]
+        runs = [out / "runs" / "mr" / slug / "seed0" for slug in sorted(_slugs(out))]
+        return [train] + [ASTRA + ["analyze", str(r), "--samples", "128"] for r in runs]
+
+    def ablation(methods, out, extra=(), steps=None):
+        a, f = lrs("nlg-lr")
+        return [ASTRA + ["compare", "--task", "strategyqa", "--methods", lr_specs(methods, a, f),
+                         "--seeds", SEEDS, "--output", str(RUNS / out), *extra] + common(NLG, steps)]
+
+    return {
+        "nlu-lr": lambda: tuning(NLU, "mr", "nlu-lr"),
+        "nlu-main": lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main"),
+        "nlg-lr": lambda: tuning(NLG, "strategyqa", "nlg-lr"),
+        "nlg-main": lambda: main_table(NLG, NLG_TASKS, NLG_METHODS, "nlg-lr", "nlg-main"),
+        "ablation-eigen": lambda: ablation(
+            [f"astra:eigen_selection={s}" for s in
+             ("smallest", "largest", "middle", "lower_quartile", "upper_quartile", "random")], "ablation-eigen"),
+        "ablation-rank": lambda: [
+            *ablation(["astra", "astra:eigen_selection=largest"], "ablation-rank/r8", ["--rank", "8", "--alpha", "8"]),
+            *ablation(["astra", "astra:eigen_selection=largest"], "ablation-rank/r32", ["--rank", "32", "--alpha", "32"]),
+            *ablation(["astra", "astra:eigen_selection=largest", "lora"], "ablation-rank/r128",
+                      ["--rank", "128", "--alpha", "128"]),
+        ],
+        "ablation-statistic": lambda: ablation(
+            [f"astra:statistic={s}" for s in ("covariance", "second_moment", "max_normalized")]
+            + [f"astra:eigen_selection=largest:statistic={s}" for s in ("covariance", "second_moment", "max_normalized")],
+            "ablation-statistic"),
+        "ablation-null-space": lambda: ablation(
+            ["astra:null_space=keep", "astra:null_space=exclude", "astra:accumulation_dtype=float64"],
+            "ablation-null-space"),
+        "ablation-calibration": lambda: ablation(
+            ["astra", "astra:calibration_data=xsum", "astra:eigen_selection=largest",
+             "astra:eigen_selection=largest:calibration_data=xsum"], "ablation-calibration"),
+        "effective-rank": lambda: effective_rank(),
+    }
+
+
+def _slugs(out: Path) -> list[str]:
+    folder = out / "runs" / "mr"
+    return [p.name for p in folder.iterdir()] if folder.exists() else []
+
+
+def progress(out: str) -> str:
+    summaries = list((RUNS / out).rglob("summary.json"))
+    return f"{len(summaries)} finished runs"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phases", nargs="*", help="phases to run, in order ('all' for every phase)")
+    p.add_argument("--list", action="store_true", help="show phases and progress")
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    args = p.parse_args(argv)
+    table = phases()
+    if args.list or not args.phases:
+        for name in table:
+            print(f"{name:22s} {progress(name)}")
+        return
+    names = list(table) if args.phases == ["all"] else args.phases
+    log = RUNS / "wall_times.csv"
+    for name in names:
+        for cmd in table[name]():
+            print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+            if args.dry_run:
+                continue
+            start = time.time()
+            done = subprocess.run(cmd, cwd=HERE.parent)
+            RUNS.mkdir(parents=True, exist_ok=True)
+            with open(log, "a", newline="") as f:
+                csv.writer(f).writerow([name, round(time.time() - start, 1), done.returncode, time.strftime("%F %T")])
+            if done.returncode:
+                raise SystemExit(f"phase {name} failed (exit {done.returncode})")
+
+
+if __name__ == "__main__":
+    main()
