@@ -23,6 +23,14 @@ METHOD_HELP = (
     "corda:corda_method=kpm. KEY is lr/rank/alpha (this method only), calibration_samples/calibration_data, or "
     "a field of the method's config (see `astra methods`). The spec names the run in tables and plots."
 )
+# The paper's Appendix F (Tables 7 and 8), as starting points; any flag given explicitly wins. Batches of 128
+# are reached by accumulation so that they fit a CPU.
+PRESETS = {
+    "paper-nlu": dict(rank=8, alpha=16.0, lr=1e-4, batch_size=32, grad_accum=4, max_length=128, epochs=1.0,
+                      warmup=0.03, weight_decay=0.0, scheduler="cosine", optim="adamw_torch", dtype="float32"),
+    "paper-nlg": dict(rank=128, alpha=128.0, lr=2e-5, batch_size=8, grad_accum=16, max_length=512, epochs=1.0,
+                      warmup=0.03, weight_decay=0.0, scheduler="cosine", optim="adamw_torch", dtype="bfloat16"),
+}
 # FinetuneConfig fields that subcommands set themselves rather than through the shared flags.
 _OWN = {"model", "output", "task", "data", "eval_data", "method"}
 
@@ -38,6 +46,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
 
     hints = typing.get_type_hints(FinetuneConfig)
     group = parser.add_argument_group("training")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help="The paper's hyperparameters (Appendix F: NLU Table 7, NLG Table 8); flags override.")
     for f in dataclasses.fields(FinetuneConfig):
         if f.name in _OWN or f.name in skip:
             continue
@@ -78,8 +88,9 @@ def _add_astra_flags(parser: argparse.ArgumentParser) -> None:
 def _config(args, **own):
     from .training import FinetuneConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
-              if f.name not in _OWN and getattr(args, f.name, None) is not None}
+    values = dict(PRESETS.get(getattr(args, "preset", None), {}))
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+                   if f.name not in _OWN and getattr(args, f.name, None) is not None})
     return FinetuneConfig(**{**values, **own})
 
 

@@ -138,3 +138,13 @@ def test_torchrun_two_processes(tiny, tmp_path):
     config = json.loads((run / "config.json").read_text())
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["epoch"] == pytest.approx(1 / math.ceil(config["splits"]["train"]["size"] / (2 * 4)))
+
+
+def test_paper_presets_and_explicit_flags():
+    from astra_peft.cli import _config, build_parser
+
+    args = build_parser().parse_args(["finetune", "--model", "m", "--task", "mr", "--output", "o",
+                                      "--preset", "paper-nlg", "--lr", "1e-4"])
+    cfg = _config(args, model="m", task="mr", data=None, eval_data=None, method="lora", output="o")
+    assert (cfg.rank, cfg.alpha, cfg.batch_size * cfg.grad_accum, cfg.max_length) == (128, 128.0, 128, 512)
+    assert cfg.lr == 1e-4 and cfg.warmup == 0.03 and cfg.weight_decay == 0.0 and cfg.scheduler == "cosine"
