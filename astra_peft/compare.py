@@ -99,6 +99,7 @@ DEMO = {
     "alpha": 16.0,
     "max_length": 128,
     "calibration_samples": 64,
+    "eval_split": "test",  # one evaluation per method, at the end: the budget goes to training
     "eval_samples": 100,
 }
 
