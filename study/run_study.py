@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -21,8 +22,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUNS = HERE / "runs"
-ASTRA = [sys.executable, "-m", "astra_peft.cli"]
+ROOT = HERE.parent
+RUNS = Path("study") / "runs"  # relative to ROOT, where both scripts run, so printed commands are portable
+ASTRA = ["python", "-m", "astra_peft.cli"]
 
 # --- the settings every run of a model shares (stated in docs/results.md) --------------------------------
 NLU = dict(model="minilm-l6", rank=8, alpha=16, batch=16, max_length=128, steps=150, eval_samples=500)
@@ -139,6 +141,7 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="show phases and progress")
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = p.parse_args(argv)
+    os.chdir(ROOT)
     table = phases()
     if args.list or not args.phases:
         for name in table:
@@ -152,7 +155,7 @@ def main(argv=None):
             if args.dry_run:
                 continue
             start = time.time()
-            done = subprocess.run(cmd, cwd=HERE.parent)
+            done = subprocess.run([sys.executable, *cmd[1:]])
             RUNS.mkdir(parents=True, exist_ok=True)
             with open(log, "a", newline="") as f:
                 csv.writer(f).writerow([name, round(time.time() - start, 1), done.returncode, time.strftime("%F %T")])
