@@ -67,6 +67,9 @@ class Method:
     config_cls: Optional[type] = None  # dataclass whose fields are this method's options
     data: Optional[str] = None  # None | "activations" | "gradients"
     peft: bool = True  # False only for full fine-tuning
+    # How the method forms the residual base in float32, W − (s·B)@A or W − s·(B@A): rebuilding it from a saved
+    # initial adapter the same way reproduces the original run bit for bit.
+    residual: str = "scaled_b"
 
     def option_types(self) -> dict[str, Any]:
         types: dict[str, Any] = dict(COMMON_OPTIONS) if self.peft else {"lr": float}
@@ -81,7 +84,8 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], type]] = None, data=None, peft=True):
+def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], type]] = None, data=None, peft=True,
+                    residual="scaled_b"):
     """Decorator: register `build(ctx, options) -> BuiltModel` under `name`. `config_cls` is a thunk so that
     optional dependencies (attrs for CorDA) are imported only when the method is used."""
 
@@ -92,7 +96,8 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
                 cls = config_cls()
             except ImportError:  # the method still builds (and fails with the real error) when chosen
                 cls = None
-        METHODS[name] = Method(name=name, help=help, build=build, config_cls=cls, data=data, peft=peft)
+        METHODS[name] = Method(name=name, help=help, build=build, config_cls=cls, data=data, peft=peft,
+                               residual=residual)
         return build
 
     return wrap
@@ -316,6 +321,7 @@ def _astra_config_cls():
     "Astra: tail eigenvectors of the output-activation statistic (this package's core).",
     config_cls=_astra_config_cls,
     data="activations",
+    residual="product",
 )
 def _build_astra(ctx: BuildContext, options: dict) -> BuiltModel:
     from peft import get_peft_model
@@ -413,6 +419,7 @@ def _loraga_config_cls():
     "LoRA-GA: SVD of the full fine-tuning gradient estimated on data (PEFT).",
     config_cls=_loraga_config_cls,
     data="gradients",
+    residual="product",
 )
 def _build_loraga(ctx: BuildContext, options: dict) -> BuiltModel:
     from peft import get_peft_model
@@ -431,6 +438,35 @@ def _build_loraga(ctx: BuildContext, options: dict) -> BuiltModel:
     return BuiltModel(model, calibration_seconds=t_calib, init_seconds=t_init, mutates_base=True)
 
 
-def method_table() -> list[tuple[str, str, str]]:
-    """(name, data it needs, help) for `astra` listings."""
-    return [(m.name, m.data or "-", m.help) for m in METHODS.values()]
+# ------------------------------------------------------------------------------------ restoring an init
+
+
+@torch.no_grad()
+def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_base: bool):
+    """Rebuild what `build_method` made from its saved initial adapter, without calibrating again: a plain
+    PeftModel with the saved weights and, for methods that rewrote the base, W ← W − s·B₀A₀ formed as the
+    method forms it. This is what makes resuming an Astra run cheap."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils.other import transpose
+    from peft.utils.save_and_load import load_peft_weights
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = False
+    config.init_lora_weights = True  # the weights come from the file, not from running the init again
+    for sub in ("eva_config", "corda_config", "lora_ga_config"):
+        if getattr(config, sub, None) is not None:
+            setattr(config, sub, None)
+    peft_model = get_peft_model(model, config)
+    result = set_peft_model_state_dict(peft_model, load_peft_weights(str(adapter_dir), device="cpu"))
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{adapter_dir} does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
+    if mutates_base:
+        product = METHODS[method].residual == "product"
+        for _, layer in _lora_layers(peft_model):
+            base = layer.get_base_layer()
+            s = layer.scaling["default"]
+            b, a = layer.lora_B["default"].weight.float(), layer.lora_A["default"].weight.float()
+            delta = s * (b @ a) if product else s * b @ a
+            weight = transpose(base.weight.to(torch.float32), layer.fan_in_fan_out) - delta
+            base.weight.data = transpose(weight.to(base.weight.dtype), layer.fan_in_fan_out)
+    return peft_model

@@ -13,6 +13,7 @@ A run directory holds, in the order they are written:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -222,7 +223,8 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
     checkpoint = last_valid_checkpoint(run)
     metrics_path = run / "metrics.jsonl"
     if checkpoint is None:  # a fresh start: nothing of an earlier attempt may leak into this one
-        for stale in ("metrics.jsonl", "adapter", "adapter_lora", "adapter_init", "model", "checkpoints"):
+        # adapter_init/ stays: init.json's fingerprint decides below whether it can spare a new initialisation.
+        for stale in ("metrics.jsonl", "adapter", "adapter_lora", "model", "checkpoints"):
             target = run / stale
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         prior_train_seconds = 0.0
@@ -264,11 +266,9 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
     set_seed(cfg.seed)
     ctx = BuildContext(model=model, task_kind=task.kind, target_modules=target_modules, rank=rank, alpha=alpha,
                        seed=cfg.seed, calibration_batches=calibration_batches, gradient_batches=gradient_batches)
-    built = build_method(spec, ctx)
+    built = _build_or_restore(spec, ctx, run, _init_fingerprint(resolved), state.is_main_process)
     model = built.model
     is_peft = hasattr(model, "peft_config")
-    if is_peft and built.mutates_base and cfg.save_weights and state.is_main_process:
-        model.save_pretrained(str(run / "adapter_init"))
     trainable, total = count_parameters(model)
 
     from .trainer import make_trainer
@@ -323,11 +323,52 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
                         "training": train_seconds, "evaluation": eval_seconds},
             "init_report": built.report,
             "resumed_from": str(checkpoint) if checkpoint else None,
+            "init_restored": built.report.get("restored_from") is not None,
         }
         write_json_atomic(run / "summary.json", summary)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the run is finished: nothing left to resume
+        if not cfg.save_weights:
+            shutil.rmtree(run / "adapter_init", ignore_errors=True)
     state.wait_for_everyone()  # every process returns the summary the main one wrote
     return json.loads((run / "summary.json").read_text())
+
+
+# What decides the initial adapter: a saved one is reused only when all of these match.
+_INIT_KEYS = ("model", "task", "data", "eval_data", "seed", "max_length", "dtype", "train_samples",
+              "calibration_batch_size", "method_spec", "effective", "splits")
+
+
+def _init_fingerprint(resolved: dict) -> str:
+    payload = {k: resolved.get(k) for k in _INIT_KEYS}
+    payload["effective"] = {k: v for k, v in payload["effective"].items() if k != "lr"}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _build_or_restore(spec, ctx: BuildContext, run: Path, fingerprint: str, is_main: bool):
+    """Build the method, or, when this run directory already holds the initial adapter for exactly this
+    configuration (a restart after Ctrl-C), rebuild the model from it without calibrating again. The saved
+    initial adapter also serves the plain-LoRA conversion at the end."""
+    from .methods import BuiltModel, restore_initial_adapter
+
+    init_dir, meta_path = run / "adapter_init", run / "init.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if meta and meta["fingerprint"] == fingerprint and init_dir.is_dir():
+        model = restore_initial_adapter(ctx.model, init_dir, spec.method, meta["mutates_base"])
+        return BuiltModel(model, calibration_seconds=meta["calibration_seconds"], init_seconds=meta["init_seconds"],
+                          mutates_base=meta["mutates_base"], report={**meta["report"], "restored_from": str(init_dir)})
+    built = build_method(spec, ctx)
+    if is_main and hasattr(built.model, "peft_config"):
+        meta_path.unlink(missing_ok=True)
+        tmp = run / ".adapter_init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        built.model.save_pretrained(str(tmp))
+        shutil.rmtree(init_dir, ignore_errors=True)
+        os.replace(tmp, init_dir)
+        # init.json last: its presence says adapter_init/ is complete
+        write_json_atomic(meta_path, {"fingerprint": fingerprint, "mutates_base": built.mutates_base,
+                                      "calibration_seconds": built.calibration_seconds,
+                                      "init_seconds": built.init_seconds, "report": built.report})
+    return built
 
 
 def cpu_only() -> bool:

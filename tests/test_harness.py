@@ -238,7 +238,10 @@ def test_same_seed_same_metrics(tiny, tmp_path):
     assert (tmp_path / "a" / "metrics.jsonl").read_bytes() != (tmp_path / "c" / "metrics.jsonl").read_bytes()
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["pissa", "astra", "lora"])
+def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path, method):
+    """Ctrl-C at step 4 (checkpoint at 3): never looks finished; the rerun rebuilds the initial model from
+    adapter_init/ without calibrating again, resumes, and ends exactly where an uninterrupted run ends."""
     from transformers import TrainerCallback
 
     class CtrlC(TrainerCallback):
@@ -246,15 +249,15 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path):
             if state.global_step == 4:
                 raise KeyboardInterrupt
 
-    finetune(tiny, tmp_path / "whole", method="pissa")
+    whole = finetune(tiny, tmp_path / "whole", method=method)
     with pytest.raises(KeyboardInterrupt):
-        finetune(tiny, tmp_path / "cut", method="pissa", callbacks=[CtrlC()])
+        finetune(tiny, tmp_path / "cut", method=method, callbacks=[CtrlC()])
     assert not (tmp_path / "cut" / "summary.json").exists()  # never looks finished
     assert (tmp_path / "cut" / "checkpoints" / "checkpoint-3").is_dir()
-    summary = finetune(tiny, tmp_path / "cut", method="pissa")
-    assert summary["resumed_from"].endswith("checkpoint-3")
-    whole = (tmp_path / "whole" / "metrics.jsonl").read_text()
-    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == whole
+    summary = finetune(tiny, tmp_path / "cut", method=method)
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["init_restored"]
+    assert summary["final"] == whole["final"]
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
 
 
 def test_calibration_on_other_data(tiny, tmp_path):
@@ -301,3 +304,31 @@ def test_effective_rank_report(tmp_path):
     assert {r["layer_type"]: r["before"] for r in rows} == {"self_attn.q_proj": 11.0, "mlp.up_proj": 20.0}
     paths = write_effective_rank(rows, tmp_path)
     assert all(Path(p).stat().st_size > 0 for p in paths.values())
+
+
+def test_restart_before_any_checkpoint_reuses_the_initialisation(tiny, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    whole = finetune(tiny, tmp_path / "whole", method="astra")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny, tmp_path / "cut", method="astra", callbacks=[CtrlC()])
+    assert (tmp_path / "cut" / "init.json").is_file()
+    assert not list((tmp_path / "cut").glob("checkpoints/checkpoint-*"))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the initialisation should have been restored, not recomputed")
+
+    monkeypatch.setattr("astra_peft.training.build_method", no_build)
+    summary = finetune(tiny, tmp_path / "cut", method="astra")
+    assert summary["init_restored"] and summary["resumed_from"] is None
+    assert summary["seconds"]["calibration"] > 0  # the original cost, kept in init.json
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    monkeypatch.undo()
+    # an unfinished directory rerun with another configuration initialises afresh
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny, tmp_path / "other", method="astra", callbacks=[CtrlC()])
+    assert not finetune(tiny, tmp_path / "other", method="astra", seed=1, max_steps=2)["init_restored"]
