@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from test_harness import make_classification_jsonl, make_generation_jsonl, make_tiny_llama
+from test_harness import make_classification_jsonl, make_generation_jsonl, make_tiny_llama, one_thread  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,10 +20,14 @@ FAST = ["--max-steps", "3", "--batch-size", "4", "--rank", "4", "--alpha", "8", 
         "--calibration-samples", "32", "--no-progress"]
 
 
+# Small models on a shared 2-core machine run far faster on one thread per process.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def astra(*args) -> subprocess.CompletedProcess:
     """The installed console script's entry point, in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-c", "import sys; from astra_peft.cli import main; sys.exit(main())",
-                           *map(str, args)], capture_output=True, text=True, timeout=600)
+                           *map(str, args)], capture_output=True, text=True, timeout=600, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,7 @@ def test_listings(capsys):
         assert f"\n{method} " in "\n" + out, method
 
 
-def test_finetune_then_analyze(tiny, tmp_path):
+def test_finetune_then_analyze(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     done = astra("finetune", "--model", tiny["llama"], "--data", tiny["gen"], "--method", "astra",
                  "--eigen-selection", "largest", "--output", run, *FAST)
@@ -71,13 +75,15 @@ def test_finetune_then_analyze(tiny, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "astra:eigen_selection=largest"
     assert config["method_spec"]["options"]["eigen_selection"] == "largest"
-    again = astra("finetune", "--model", tiny["llama"], "--data", tiny["gen"], "--method", "astra",
-                  "--eigen-selection", "largest", "--output", run, *FAST)
-    assert again.returncode == 0  # finished: returned as it is
+    from astra_peft.cli import main
 
-    analyzed = astra("analyze", run, "--samples", "8")
-    assert analyzed.returncode == 0, analyzed.stderr
-    assert "self_attn.q_proj" in analyzed.stdout
+    before = (run / "summary.json").read_text()
+    assert main(["finetune", "--model", str(tiny["llama"]), "--data", str(tiny["gen"]), "--method", "astra",
+                 "--eigen-selection", "largest", "--output", str(run), *FAST]) == 0
+    assert (run / "summary.json").read_text() == before  # finished: returned as it is, not run again
+
+    assert main(["analyze", str(run), "--samples", "8"]) == 0
+    assert "self_attn.q_proj" in capsys.readouterr().out
     for name in ("effective_rank.md", "effective_rank.csv", "effective_rank.png"):
         assert (run / "analysis" / name).stat().st_size > 0
 
@@ -91,21 +97,21 @@ def test_compare_command(tiny, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"summary.md", "summary.csv", "loss.png", "grad_norm.png", "runs"}
 
 
-def test_errors_surface_cleanly(tiny, tmp_path):
+def test_errors_surface_cleanly(tiny, tmp_path, capsys):
+    """Bad data or a bad method spec: exit code 2, one `astra: error:` line naming the problem, no traceback."""
+    from astra_peft.cli import main
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Question: is one more ?", "completion": " yes"}\n{"prompt": "oops"\n')
-    done = astra("finetune", "--model", tiny["llama"], "--data", bad, "--method", "lora", "--output",
-                 tmp_path / "run", *FAST)
-    assert done.returncode == 2
-    assert done.stderr.startswith("astra: error:") and "bad.jsonl:2" in done.stderr
-    assert "Traceback" not in done.stderr
-
-    for args, needle in [(["--method", "astra:eigen_selection=biggest"], "choose one of"),
-                         (["--method", "sora"], "unknown method")]:
-        done = astra("finetune", "--model", tiny["llama"], "--data", tiny["gen"], *args, "--output",
-                     tmp_path / "run2", *FAST)
-        assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "run2" / "summary.json").exists()
+    cases = [(["--data", str(bad), "--method", "lora"], "bad.jsonl:2"),
+             (["--data", str(tiny["gen"]), "--method", "astra:eigen_selection=biggest"], "choose one of"),
+             (["--data", str(tiny["gen"]), "--method", "sora"], "unknown method")]
+    for args, needle in cases:
+        assert main(["finetune", "--model", str(tiny["llama"]), *args, "--output", str(tmp_path / "run"),
+                     *FAST]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("astra: error:") and needle in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 @pytest.mark.slow
@@ -129,7 +135,7 @@ def test_torchrun_two_processes(tiny, tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                            "astra_peft.cli", "finetune", "--model", str(tiny["llama"]), "--data", str(tiny["gen"]),
                            "--method", "astra", "--output", str(run), *FAST],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
