@@ -106,9 +106,12 @@ def initialize_astra_weights(
             )
         with gather_params_ctx(base.parameters(), modifier_rank=None):
             w, bias = weight_matrix(base), base.bias
-            matrix = stats.output_statistic(name, config.statistic, w, bias)
-        q, selection = select_eigenvectors(matrix, r, config, name)
-        del matrix
+            if stats.source(name) == "input":
+                statistic = stats.output_factors(name, config.statistic, w, bias)
+            else:
+                statistic = stats.output_statistic(name, config.statistic, w, bias)
+        q, selection = select_eigenvectors(statistic, r, config, name)
+        del statistic
         bases[name] = q
         report.layers.append(LayerReport(name, d_out, d_in, r, tokens, stats.source(name), selection))
     report.decomposition_seconds = time.perf_counter() - start

@@ -61,10 +61,16 @@ def eigenvectors(matrix: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.from_numpy(vectors)
 
 
-def full_eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
+def full_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All eigenpairs, ascending: divide-and-conquer LAPACK (syevd) on CPU, torch on GPU."""
     if matrix.is_cuda:
-        return torch.linalg.eigh(matrix)[1]
-    return torch.from_numpy(scipy.linalg.eigh(matrix.numpy(), driver="evd", check_finite=False)[1])
+        return torch.linalg.eigh(matrix)
+    values, vectors = scipy.linalg.eigh(matrix.numpy(), driver="evd", check_finite=False)
+    return torch.from_numpy(values), torch.from_numpy(vectors)
+
+
+def full_eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
+    return full_eigh(matrix)[1]
 
 
 def selection_indices(n: int, r: int, how: str, seed: int = 0, name: str = "") -> np.ndarray:
@@ -95,11 +101,82 @@ def degenerate_threshold(values: torch.Tensor, config: AstraConfig) -> float:
     return rtol * max(float(values[-1]), 0.0)
 
 
-def select_eigenvectors(matrix: torch.Tensor, r: int, config: AstraConfig, name: str) -> tuple[torch.Tensor, Selection]:
-    """The (d, r) orthonormal basis Q Astra puts in B, chosen by `config`, and what was chosen."""
-    matrix = matrix.to(device=matrix.device if matrix.is_cuda else "cpu", dtype=torch.float64)
-    d = matrix.shape[0]
-    values = eigenvalues(matrix)
+class _Dense:
+    """The spectrum of an explicit d × d matrix."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix.to(device=matrix.device if matrix.is_cuda else "cpu", dtype=torch.float64)
+        self.values = eigenvalues(self.matrix)
+        self._full: torch.Tensor | None = None
+
+    def vectors(self, idx: np.ndarray) -> torch.Tensor:
+        if self._full is not None:
+            return self._full[:, torch.from_numpy(idx)]
+        # One solver call for the contiguous span; a random pick spans (almost) everything anyway.
+        span = eigenvectors(self.matrix, int(idx[0]), int(idx[-1]))
+        return span[:, torch.from_numpy(idx - idx[0])]
+
+    def projector(self, k: int):
+        # The projector onto a k-dimensional cluster needs min(k, d-k) vectors, typically hundreds:
+        # one divide-and-conquer decomposition is cheaper than asking MRRR for them.
+        self._full = full_eigenvectors(self.matrix)
+        d = self._full.shape[0]
+        if k <= d - k:
+            n_basis = self._full[:, :k]
+            return lambda cols: n_basis @ n_basis[cols].T
+        return _complement_projector(self._full[:, k:])
+
+
+class _Factored:
+    """The spectrum of F·G·Fᵀ (d × p factor F, p < d) without forming it: with the thin QR F = QR, its
+    non-zero eigenpairs are those of the p × p matrix R·G·Rᵀ mapped by Q, and the other d − p
+    eigenvalues are exactly zero (W's left null space, e.g. 960 of gate_proj's 1536 in SmolLM2)."""
+
+    def __init__(self, f: torch.Tensor, g: torch.Tensor):
+        device = f.device if f.is_cuda else "cpu"
+        f, g = (t.to(device=device, dtype=torch.float64) for t in (f, g))
+        self.q, r = torch.linalg.qr(f)
+        small = r @ g @ r.T
+        lam, self.v = full_eigh((small + small.T) / 2)
+        self.structural = f.shape[0] - f.shape[1]
+        values = torch.cat([torch.zeros(self.structural, dtype=lam.dtype, device=lam.device), lam])
+        self.values, order = torch.sort(values, stable=True)
+        self.source = (order - self.structural).cpu().numpy()  # column of v, or < 0 for a structural zero
+
+    def _columns(self, idx: np.ndarray) -> torch.Tensor:
+        cols = self.source[idx]
+        if (cols < 0).any():
+            raise AssertionError("structural zeros are degenerate and never selected as regular directions")
+        return self.q @ self.v[:, torch.from_numpy(cols)]
+
+    def vectors(self, idx: np.ndarray) -> torch.Tensor:
+        return self._columns(idx)
+
+    def projector(self, k: int):
+        return _complement_projector(self._columns(np.arange(k, len(self.values))))
+
+
+def _complement_projector(u: torch.Tensor):
+    """Columns of P = I − U Uᵀ, the projector onto the complement of U's orthonormal columns."""
+    d = u.shape[0]
+    return lambda cols: torch.eye(d, dtype=u.dtype, device=u.device)[:, cols] - u @ u[cols].T
+
+
+def select_eigenvectors(
+    matrix: torch.Tensor | tuple[torch.Tensor, torch.Tensor], r: int, config: AstraConfig, name: str
+) -> tuple[torch.Tensor, Selection]:
+    """The (d, r) orthonormal basis Q Astra puts in B, chosen by `config`, and what was chosen.
+
+    `matrix` is the d × d statistic, or factors (F, G) of it, F·G·Fᵀ, which is cheaper when F has fewer
+    columns than rows; both give the same selection.
+    """
+    if isinstance(matrix, tuple):
+        f, g = matrix
+        spectrum = _Factored(f, g) if f.shape[1] < f.shape[0] else _Dense(f @ g @ f.T)
+    else:
+        spectrum = _Dense(matrix)
+    values = spectrum.values
+    d = values.shape[0]
     threshold = degenerate_threshold(values, config)
     k = int((values <= threshold).sum())
     base = k if config.null_space == "exclude" else 0
@@ -119,16 +196,9 @@ def select_eigenvectors(matrix: torch.Tensor, r: int, config: AstraConfig, name:
     regular = idx[idx >= k]
     parts = []
     if len(degenerate):
-        # The projector onto a k-dimensional cluster needs min(k, d-k) vectors, typically hundreds:
-        # one divide-and-conquer decomposition is cheaper than asking MRRR for them.
-        full = full_eigenvectors(matrix)
-        parts.append(_null_space_basis(full, k, len(degenerate)))
-        if len(regular):
-            parts.append(full[:, torch.from_numpy(regular)])
-    elif len(regular):
-        # One solver call for the contiguous span; a random pick spans (almost) everything anyway.
-        span = eigenvectors(matrix, int(regular[0]), int(regular[-1]))
-        parts.append(span[:, torch.from_numpy(regular - regular[0])])
+        parts.append(_null_space_basis(spectrum.projector(k), d, k, len(degenerate)))
+    if len(regular):
+        parts.append(spectrum.vectors(regular))
     q = _canonical_signs(torch.cat(parts, dim=1))
     info = Selection(
         indices=idx.tolist(),
@@ -141,20 +211,13 @@ def select_eigenvectors(matrix: torch.Tensor, r: int, config: AstraConfig, name:
     return q, info
 
 
-def _null_space_basis(vectors: torch.Tensor, k: int, m: int) -> torch.Tensor:
-    """m orthonormal vectors of the degenerate eigenspace spanned by `vectors[:, :k]`, chosen deterministically.
+def _null_space_basis(project, d: int, k: int, m: int) -> torch.Tensor:
+    """m orthonormal vectors of a k-dimensional degenerate eigenspace, chosen deterministically.
 
     A solver's basis of a degenerate eigenspace is arbitrary and differs across LAPACK builds; the
-    projector P onto the space is not. Gram–Schmidt on P's columns e_0, e_1, … in order, skipping
-    columns that add little, gives a basis that depends only on P.
+    projector P onto the space is not. Gram–Schmidt on P's columns e_0, e_1, … in order (`project(cols)`
+    gives P[:, cols]), skipping columns that add little, gives a basis that depends only on P.
     """
-    d = vectors.shape[0]
-    if k <= d - k:
-        n_basis = vectors[:, :k]
-        project = lambda cols: n_basis @ n_basis[cols].T  # noqa: E731
-    else:  # the complement is smaller: P = I − U Uᵀ with U the non-degenerate eigenvectors
-        u = vectors[:, k:]
-        project = lambda cols: torch.eye(d, dtype=u.dtype)[:, cols] - u @ u[cols].T  # noqa: E731
     chosen: list[torch.Tensor] = []
     start = 0
     while len(chosen) < m and start < d:

@@ -80,33 +80,52 @@ class ActivationStats:
     ) -> torch.Tensor:
         """The d_out × d_out matrix `statistic` of layer `name`'s outputs, in float64.
 
-        Input-side statistics need the layer's (d_out, d_in) `weight` and `bias`: for y = Wx + b,
-        Cov(y) = W Cov(x) Wᵀ and E[yyᵀ] = W E[xxᵀ] Wᵀ + (Wμ)bᵀ + b(Wμ)ᵀ + bbᵀ.
+        Input-side statistics need the layer's (d_out, d_in) `weight` and `bias` (see `output_factors`).
         """
+        acc = self._accumulator(name, statistic)
+        if acc.kind == "input":
+            f, g = self.output_factors(name, statistic, weight, bias)
+            out = f @ g @ f.T
+            return (out + out.T) / 2
+        # Formed in float64 whatever the accumulation dtype: with LLMs' massive activations (λ_max ~1e6
+        # times the median eigenvalue) float32 rounding of the centring would swamp the tail.
+        gram = acc.gram.to(torch.float64)
+        if acc.kind == "max_normalized":
+            return gram / acc.sequences
+        mean, moment = acc.sum.to(torch.float64) / acc.tokens, gram / acc.tokens
+        return moment - torch.outer(mean, mean) if statistic == "covariance" else moment
+
+    def output_factors(
+        self, name: str, statistic: str, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """F and G with F·G·Fᵀ = the output statistic of a layer with input statistics, y = Wx + b.
+
+        Cov(y) = W Cov(x) Wᵀ; E[yyᵀ] = [W b] E[x̃x̃ᵀ] [W b]ᵀ with x̃ = [x; 1]. The factors let the spectrum
+        avoid forming a d_out × d_out matrix of rank ≤ d_in + 1 when d_out is larger.
+        """
+        acc = self._accumulator(name, statistic)
+        if acc.kind != "input":
+            raise ValueError(f"Layer '{name}' has {acc.kind} statistics; only input statistics factor.")
+        gram, total = acc.gram.to(torch.float64), acc.sum.to(torch.float64)
+        mean, moment = total / acc.tokens, gram / acc.tokens
+        w = weight.detach().to(device=gram.device, dtype=torch.float64)
+        if statistic == "covariance":
+            return w, moment - torch.outer(mean, mean)
+        if bias is None:
+            return w, moment
+        b = bias.detach().to(device=gram.device, dtype=torch.float64)
+        f = torch.cat([w, b[:, None]], dim=1)
+        g = torch.cat([torch.cat([moment, mean[:, None]], dim=1),
+                       torch.cat([mean, mean.new_ones(1)])[None, :]], dim=0)
+        return f, g
+
+    def _accumulator(self, name: str, statistic: str) -> Accumulator:
         if not self.supports(statistic):
             raise ValueError(f"These statistics were collected for '{self.family}' and cannot give '{statistic}'.")
         acc = self.accumulators[self.layers[name].acc]
         if acc.tokens == 0:
             raise ValueError(f"Layer '{name}' received no calibration tokens.")
-        # Formed in float64 whatever the accumulation dtype: with LLMs' massive activations (λ_max ~1e6
-        # times the median eigenvalue) float32 rounding of W·C·Wᵀ or of the centring would swamp the tail.
-        gram, total = acc.gram.to(torch.float64), acc.sum.to(torch.float64)
-        if acc.kind == "max_normalized":
-            return gram / acc.sequences
-        mean = total / acc.tokens
-        moment = gram / acc.tokens
-        matrix = moment - torch.outer(mean, mean) if statistic == "covariance" else moment
-        if acc.kind == "output":
-            return matrix
-        if weight is None:
-            raise ValueError(f"Layer '{name}' has input statistics: its weight is needed to derive outputs'.")
-        w = weight.detach().to(device=matrix.device, dtype=matrix.dtype)
-        out = w @ matrix @ w.T
-        if statistic == "second_moment" and bias is not None:
-            b = bias.detach().to(device=matrix.device, dtype=matrix.dtype)
-            wm = w @ mean
-            out = out + torch.outer(wm, b) + torch.outer(b, wm) + torch.outer(b, b)
-        return (out + out.T) / 2
+        return acc
 
     # ---- persistence -------------------------------------------------------------------------------
 
