@@ -157,7 +157,8 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     cfg, methods, seeds = demo_config(args.output, max_steps=args.max_steps, task=args.task)
     methods = args.methods or methods
-    print(f"astra demo: {DEMO['model']} on {cfg.task}, methods {methods}, {cfg.max_steps} steps each → {args.output}")
+    print(f"astra demo: {DEMO['model']} on {cfg.task}, methods {methods}, {cfg.max_steps} steps each, adapting "
+          f"{','.join(cfg.target_modules)} → {args.output}")
     paths = run_compare(cfg, methods, seeds, output=args.output)
     print("\n" + Path(paths["summary_md"]).read_text())
     print(f"plots: {paths['loss_png']}  {paths['grad_norm_png']}")

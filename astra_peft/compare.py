@@ -14,7 +14,9 @@ from .training import FinetuneConfig, is_finished, run_finetune, write_json_atom
 
 
 def task_label(task: Optional[str], data: Optional[str]) -> str:
-    return task if task else Path(data).stem
+    """The task's name in directories and tables: a built-in name, or a JSONL file's stem (as its Task.name)."""
+    name = task or data
+    return Path(name).stem if name.endswith(".jsonl") else name
 
 
 def run_dir(output, task: str, spec: MethodSpec, seed: int) -> Path:
@@ -85,22 +87,25 @@ def run_compare(
 
 # ----------------------------------------------------------------------------------------------------- demo
 
-# Measured on the 2-core CPU this project targets: SmolLM2-135M, three methods, about ten minutes in all with
-# the one-off fetch (see the README). Short completions and a 3-way choice keep each step and the scoring cheap.
+# Sized for the 2-core CPU this project targets (see the README for measured times). Short completions and a 3-way
+# choice keep steps and scoring cheap. The adapted layers are those with at most 576 outputs (all but the
+# 1536-wide gate/up projections): Astra's eigendecomposition of those two is most of its cost on a CPU, and the
+# demo is a quick look, not the paper's setting (for that, leave --target-modules at its default).
 DEMO = {
     "model": "smollm2-135m",
     "task": "social-iqa",
     "methods": "astra,lora,pissa",
     "seeds": [0],
-    "max_steps": 30,
+    "max_steps": 20,
     "batch_size": 8,
-    "lr": 2e-4,
+    "lr": 5e-4,
     "rank": 8,
     "alpha": 16.0,
     "max_length": 128,
     "calibration_samples": 64,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
     "eval_split": "test",  # one evaluation per method, at the end: the budget goes to training
-    "eval_samples": 100,
+    "eval_samples": 60,
 }
 
 
