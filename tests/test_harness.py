@@ -341,3 +341,11 @@ def test_restart_before_any_checkpoint_reuses_the_initialisation(tiny, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny, tmp_path / "other", method="astra", callbacks=[CtrlC()])
     assert not finetune(tiny, tmp_path / "other", method="astra", seed=1, max_steps=2)["init_restored"]
+
+
+def test_task_labels_for_directories():
+    from astra_peft.compare import task_label
+
+    assert task_label("mr", None) == "mr"
+    assert task_label("/data/my_task.jsonl", None) == "my_task"
+    assert task_label(None, "rel/other.jsonl") == "other"
