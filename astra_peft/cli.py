@@ -144,7 +144,7 @@ def cmd_analyze(args) -> int:
     before, after = analyze_run(args.run, split=args.split, samples=args.samples)
     rows = effective_rank_table(before, after)
     paths = write_effective_rank(rows, Path(args.output or Path(args.run) / "analysis"),
-                                 title=f"Effective rank: {Path(args.run).name}")
+                                 title="Effective rank: " + "/".join(Path(args.run).resolve().parts[-3:]))
     print(Path(paths["md"]).read_text())
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -162,6 +162,8 @@ def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, m
     """One panel per task; per method the mean over seeds at each step, shaded between min and max (the paper's
     Figures 1 and 5)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     tasks = _ordered([r["task"] for r in runs], tasks)
     methods = _ordered([r["method"] for r in runs], methods)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
@@ -185,6 +187,7 @@ def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, m
                                 color=color, alpha=0.2, linewidth=0)
         ax.set_title(task)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel({"loss": "training loss", "grad_norm": "gradient norm"}.get(key, key))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
