@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from .layers import lora_layers
+
 # Options every method accepts; they override the run's --lr/--rank/--alpha for this method only.
 COMMON_OPTIONS: dict[str, type] = {"lr": float, "rank": int, "alpha": float}
 # Options of methods that look at data before training.
@@ -231,14 +233,6 @@ def _require_batches(ctx: BuildContext, which: str, method: str):
     return batches
 
 
-def _lora_layers(model: nn.Module, adapter_name: str = "default"):
-    from peft.tuners.lora import Linear as LoraLinear
-
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
-            yield name, module
-
-
 # ---------------------------------------------------------------------------------------- PEFT flag methods
 
 
@@ -281,7 +275,7 @@ def milora_init(model: nn.Module, adapter_name: str = "default") -> None:
     """
     from peft.utils.other import transpose
 
-    for _, layer in _lora_layers(model, adapter_name):
+    for layer in lora_layers(model, adapter_name).values():
         base = layer.get_base_layer()
         dtype = base.weight.dtype
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -462,7 +456,7 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_
         raise ValueError(f"{adapter_dir} does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
     if mutates_base:
         product = METHODS[method].residual == "product"
-        for _, layer in _lora_layers(peft_model):
+        for layer in lora_layers(peft_model, "default").values():
             base = layer.get_base_layer()
             s = layer.scaling["default"]
             b, a = layer.lora_B["default"].weight.float(), layer.lora_A["default"].weight.float()
