@@ -104,7 +104,7 @@ def _with_shorthands(spec, args):
 
 
 def cmd_finetune(args) -> int:
-    from .methods import parse_method_spec
+    from .specs import parse_method_spec
     from .training import run_finetune
 
     spec = _with_shorthands(parse_method_spec(args.method), args)
@@ -123,7 +123,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import run_compare
-    from .methods import parse_method_list
+    from .specs import parse_method_list
 
     specs = [_with_shorthands(s, args) for s in parse_method_list(args.methods)]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -158,7 +158,7 @@ def cmd_demo(args) -> int:
     cfg, methods, seeds = demo_config(args.output, max_steps=args.max_steps, task=args.task)
     methods = args.methods or methods
     print(f"astra demo: {DEMO['model']} on {cfg.task}, methods {methods}, {cfg.max_steps} steps each, adapting "
-          f"{','.join(cfg.target_modules)} → {args.output}")
+          f"{','.join(cfg.target_modules) if cfg.target_modules else 'every linear layer of the blocks'} → {args.output}")
     paths = run_compare(cfg, methods, seeds, output=args.output)
     print("\n" + Path(paths["summary_md"]).read_text())
     print(f"plots: {paths['loss_png']}  {paths['grad_norm_png']}")

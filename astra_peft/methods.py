@@ -3,7 +3,7 @@
 Every method PEFT implements is built with PEFT's own code (LoraConfig flags, or its data-driven preprocessors
 for EVA, CorDA and LoRA-GA). Only MiLoRA, which PEFT lacks, and Astra, which calls this package's core, are ours.
 
-A method is named on the command line by a *spec*: ``METHOD[:KEY=VALUE]...``, e.g. ``astra``,
+A method is named on the command line by a *spec* (parsed in `specs.py`): ``METHOD[:KEY=VALUE]...``, e.g. ``astra``,
 ``astra:eigen_selection=largest``, ``dora:lr=2e-4``, ``corda:corda_method=kpm:calibration_samples=128``.
 The spec string is also the run's name in tables and plots, so two variants of one method can sit side by side
 in one comparison. Keys are either common to every method (``lr``, ``rank``, ``alpha``), about calibration data
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,100 +104,8 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
     return wrap
 
 
-# ----------------------------------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A parsed ``METHOD[:KEY=VALUE]...``. `name` is the spec as written (minus whitespace): the run's label."""
-
-    name: str
-    method: str
-    options: dict = field(default_factory=dict)  # method's own options, coerced
-    overrides: dict = field(default_factory=dict)  # lr / rank / alpha
-    calibration: dict = field(default_factory=dict)  # calibration_samples / calibration_data
-
-    @property
-    def slug(self) -> str:
-        """File-system-safe name for the run directory ("astra:eigen_selection=largest" → "astra-eigen_selection=largest")."""
-        return self.name.replace(":", "-").replace("/", "_").replace(" ", "")
-
-    def with_defaults(self, **defaults) -> "MethodSpec":
-        """Fill options the spec does not set (e.g. from --eigen-selection); the spec wins over flags."""
-        parts = [self.name]
-        for key, value in defaults.items():
-            if value is None or key in self.options or key in self.calibration or key in self.overrides:
-                continue
-            if key not in METHODS[self.method].option_types():
-                continue
-            parts.append(f"{key}={value}")
-        return parse_method_spec(":".join(parts)) if len(parts) > 1 else self
-
-
-def _coerce(key: str, raw: str, hint: Any, method: str):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if raw.lower() == "none" and (hint is type(None) or type(None) in args):
-        return None
-    if origin is typing.Union or origin is types.UnionType:
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if origin is typing.Literal:
-            if raw not in [str(a) for a in args]:
-                raise ValueError(f"choose one of {', '.join(map(str, args))}")
-            return next(a for a in args if str(a) == raw)
-        if hint is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError("expected true or false")
-            return raw.lower() in ("true", "1", "yes")
-        if hint is int:
-            return int(raw)
-        if hint is float:
-            return float(raw)
-    except ValueError as err:
-        raise ValueError(f"method {method!r}: bad value {raw!r} for {key}: {err}") from None
-    return raw
-
-
-def parse_method_spec(spec: str) -> MethodSpec:
-    """Parse ``METHOD[:KEY=VALUE]...``; raise ValueError naming what is wrong and what would be right."""
-    text = "".join(spec.split())
-    method, *pairs = text.split(":")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
-    types = METHODS[method].option_types()
-    options, overrides, calibration = {}, {}, {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.replace("-", "_")
-        if not sep or not key or not raw:
-            raise ValueError(f"in method spec {spec!r}: expected KEY=VALUE after ':', got {pair!r}")
-        if key not in types:
-            raise ValueError(
-                f"method {method!r} has no option {key!r}; it accepts: {', '.join(sorted(types))}"
-            )
-        value = _coerce(key, raw, types[key], method)
-        if key in COMMON_OPTIONS:
-            overrides[key] = value
-        elif key in CALIBRATION_OPTIONS:
-            calibration[key] = value
-        else:
-            options[key] = value
-    return MethodSpec(name=text, method=method, options=options, overrides=overrides, calibration=calibration)
-
-
-def parse_method_list(text: str) -> list[MethodSpec]:
-    specs = [parse_method_spec(s) for s in text.split(",") if s.strip()]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"a method is listed twice in {text!r}")
-    if not specs:
-        raise ValueError("no method given")
-    return specs
-
-
-def build_method(spec: MethodSpec, ctx: BuildContext) -> BuiltModel:
+def build_method(spec, ctx: BuildContext) -> BuiltModel:
+    """Build `spec` (a `specs.MethodSpec`) on `ctx.model`."""
     return METHODS[spec.method].build(ctx, dict(spec.options))
 
 
@@ -266,37 +173,13 @@ def _build_full(ctx: BuildContext, options: dict) -> BuiltModel:
 # ------------------------------------------------------------------------------------------------- MiLoRA
 
 
-@torch.no_grad()
-def milora_init(model: nn.Module, adapter_name: str = "default") -> None:
-    """MiLoRA (Wang et al., 2024a): the mirror of PEFT's `pissa_init`, with the r *smallest* singular triplets.
-
-    W = U S Vᵀ; A = √S_r V_rᵀ, B = U_r √S_r with S_r divided by the LoRA scaling s, so that s·BA is exactly the
-    minor part of W; the base keeps the rest, W ← W − s·BA, and the model's outputs do not move at init.
-    """
-    from peft.utils.other import transpose
-
-    for layer in lora_layers(model, adapter_name).values():
-        base = layer.get_base_layer()
-        dtype = base.weight.dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"MiLoRA needs a float32/float16/bfloat16 base weight, got {dtype}")
-        weight = transpose(base.weight.to(torch.float32), layer.fan_in_fan_out)
-        r = layer.r[adapter_name]
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)  # singular values in descending order
-        Ur, Sr, Vhr = U[:, -r:], S[-r:] / layer.scaling[adapter_name], Vh[-r:]
-        lora_A = torch.diag(torch.sqrt(Sr)) @ Vhr
-        lora_B = Ur @ torch.diag(torch.sqrt(Sr))
-        layer.lora_A[adapter_name].weight.data = lora_A.to(layer.lora_A[adapter_name].weight.dtype)
-        layer.lora_B[adapter_name].weight.data = lora_B.to(layer.lora_B[adapter_name].weight.dtype)
-        weight = weight - layer.scaling[adapter_name] * lora_B @ lora_A
-        base.weight.data = transpose(weight.to(dtype), layer.fan_in_fan_out)
-
-
 @register_method("milora", "MiLoRA: minor (smallest) singular triplets of W, residual frozen (ours; mirrors PiSSA).")
 def _build_milora(ctx: BuildContext, options: dict) -> BuiltModel:
     from peft import get_peft_model
 
     model, t_peft = _timed(get_peft_model, ctx.model, lora_config(ctx))
+    from .milora import milora_init
+
     _, t_init = _timed(milora_init, model)
     return BuiltModel(model, init_seconds=t_peft + t_init, mutates_base=True)
 

@@ -21,6 +21,7 @@ def make_trainer(*, model, cfg, run: Path, lr: float, train_features, collate, e
     """A plain transformers Trainer (so `accelerate launch` / `torchrun` work unchanged) whose evaluation is
     ours (accuracy by likelihood, not just loss) and whose logs go to metrics.jsonl."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .training import cpu_only, write_json_atomic
 
@@ -85,7 +86,7 @@ def make_trainer(*, model, cfg, run: Path, lr: float, train_features, collate, e
         use_cpu=cpu_only(),
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    return HarnessTrainer(
+    trainer = HarnessTrainer(
         model=model,
         args=args,
         train_dataset=train_features,
@@ -93,3 +94,21 @@ def make_trainer(*, model, cfg, run: Path, lr: float, train_features, collate, e
         data_collator=collate,
         callbacks=[MetricsWriter(), Clock(), *callbacks],
     )
+    # The stock callbacks print every step's log dict under the bar (or to stdout without one); those
+    # numbers are in metrics.jsonl, so the bar just shows the latest loss.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if cfg.progress:
+        trainer.add_callback(_quiet_progress_cls()())
+    return trainer
+
+
+def _quiet_progress_cls():
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+    return QuietProgress

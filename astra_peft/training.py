@@ -27,7 +27,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .evaluation import Collator, encode_row, evaluate, pad_id
-from .methods import BuildContext, build_method, parse_method_spec
+from .methods import BuildContext, build_method
+from .specs import parse_method_spec
 
 @dataclass
 class FinetuneConfig:

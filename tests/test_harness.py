@@ -118,7 +118,7 @@ def finetune(tiny, out, method="lora", model="llama", data="gen", **kw):
 
 
 def test_method_specs_parse_and_name_runs():
-    from astra_peft.methods import parse_method_list, parse_method_spec
+    from astra_peft.specs import parse_method_list, parse_method_spec
 
     spec = parse_method_spec("astra:eigen_selection=largest:lr=2e-4:calibration_samples=16")
     assert spec.method == "astra" and spec.options == {"eigen_selection": "largest"}
@@ -145,7 +145,8 @@ def test_weight_driven_inits_keep_outputs(method):
     """MiLoRA (ours) and PEFT's PiSSA/OLoRA: W ← W − s·BA makes the adapted model start where the base was."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from astra_peft.methods import BuildContext, build_method, parse_method_spec
+    from astra_peft.methods import BuildContext, build_method
+    from astra_peft.specs import parse_method_spec
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
