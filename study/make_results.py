@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 
 import run_study  # noqa: E402
 
-from astra_peft.report import collect_runs, markdown_table  # noqa: E402
+from astra_peft.report import markdown_table  # noqa: E402
 
 OUT = HERE.parent / "docs" / "results_tables.md"
 # the split a phase reports: tuning reads dev only; every other phase reports test
@@ -29,7 +29,7 @@ SPLIT = {"nlu-lr": "dev", "nlg-lr": "dev"}
 
 def _commands(name: str) -> list[str]:
     try:
-        cmds = run_study.phases()[name]()
+        cmds = run_study.phases()[name].commands()
     except SystemExit as why:  # a later phase whose tuning has not finished yet
         return [f"(not yet runnable: {why})"]
     return [" ".join(shlex.quote(c) for c in cmd) for cmd in cmds]
@@ -52,9 +52,8 @@ def main():
         f"Settings: NLU {run_study.NLU}; NLG {run_study.NLG}. Adapter learning-rate grid "
         f"{run_study.ADAPTER_LRS}, full fine-tuning {run_study.FULL_LRS}, tuned on dev, seed 0.\n",
     ]
-    for name in run_study.phases():
-        folder = run_study.RUNS / name
-        runs = collect_runs(folder) if folder.exists() else []
+    for name, phase in run_study.phases().items():
+        runs = run_study.phase_runs(phase) if (run_study.RUNS / phase.folder).exists() else []
         parts.append(f"## {name}\n")
         parts.append("```bash\n" + "\n".join(_commands(name)) + "\n```\n")
         if not runs:
@@ -65,7 +64,8 @@ def main():
             f"{len(runs)} finished runs; their own wall time {run_seconds / 60:.1f} min "
             f"(driver wall time {walls.get(name, 0) / 60:.1f} min). Split: {SPLIT.get(name, 'test')}.\n"
         )
-        parts.append(markdown_table(runs, SPLIT.get(name, "test")) + "\n")
+        order = run_study.phase_methods(phase)
+        parts.append(markdown_table(runs, SPLIT.get(name, "test"), methods=order) + "\n")
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 

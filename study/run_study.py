@@ -19,7 +19,9 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -34,6 +36,7 @@ NLG_TASKS = ["strategyqa", "math-qa", "social-iqa"]
 NLU_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "rslora", "dora", "pissa", "milora", "olora",
                "corda", "lora-ga", "eva", "full"]
 NLG_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "pissa", "milora", "corda", "lora-ga", "full"]
+ABLATION_TASK = "strategyqa"  # the NLG task of every ablation (and of NLG learning-rate tuning)
 SEEDS = "0,1,2"
 # learning-rate grids, tuned per method family on the dev split of one task, seed 0
 ADAPTER_LRS = ["1e-4", "5e-4", "2e-3"]
@@ -66,9 +69,19 @@ def lr_specs(methods: list[str], adapter_lr: str, full_lr: str) -> str:
     return ",".join(f"{m}:lr={full_lr if m.split(':')[0] == 'full' else adapter_lr}" for m in methods)
 
 
-def phases() -> dict[str, callable]:
-    """Phase name → a function returning the compare commands (evaluated lazily: later phases read tuning)."""
+@dataclass
+class Phase:
+    """A phase: its compare commands (built lazily: later phases read the tuning runs), and which runs of which
+    folder make its table. The NLG ablations share `nlg-main`'s folder: a configuration that appears in several
+    tables (Astra's defaults, say, in Tables 2, 4, the statistic and the calibration ablations) runs once."""
 
+    commands: Callable[[], list[list[str]]]
+    folder: str
+    methods: Optional[Callable[[], list[str]]] = None  # spec names in the table (None: every run in the folder)
+    tasks: Optional[list[str]] = None
+
+
+def phases() -> dict[str, Phase]:
     def tuning(cfg, task, out):
         adapters = [f"{m}:lr={lr}" for m in ("lora", "astra") for lr in ADAPTER_LRS]
         full = [f"full:lr={lr}" for lr in FULL_LRS]
@@ -81,47 +94,50 @@ def phases() -> dict[str, callable]:
     def main_table(cfg, tasks, methods, tune, out):
         a, f = lrs(tune)
         return [ASTRA + ["compare", "--tasks", ",".join(tasks), "--methods", lr_specs(methods, a, f),
-                         "--seeds", SEEDS, "--output", str(RUNS / out)] + common(cfg)]
+                         "--seeds", SEEDS, "--eval-split", "test", "--output", str(RUNS / out)] + common(cfg)]
 
     def effective_rank():
         """Fine-tune astra and lora keeping the weights (small for MiniLM), then measure Eq. 9 before/after."""
         a, _ = lrs("nlu-lr")
         out = RUNS / "effective-rank"
         train = ASTRA + ["compare", "--task", "mr", "--methods", f"astra:lr={a},lora:lr={a}", "--seeds", "0",
-                         "--output", str(out)] + [c for c in common(NLU) if c != "--no-save-weights"]
+                         "--eval-split", "test", "--output", str(out)]
+        train += [c for c in common(NLU) if c != "--no-save-weights"]
         runs = [out / "runs" / "mr" / slug / "seed0" for slug in sorted(_slugs(out))]
         return [train] + [ASTRA + ["analyze", str(r), "--samples", "128"] for r in runs]
 
-    def ablation(methods, out, extra=(), steps=None):
+    def ablation_specs(methods):
         a, f = lrs("nlg-lr")
-        return [ASTRA + ["compare", "--task", "strategyqa", "--methods", lr_specs(methods, a, f),
-                         "--seeds", SEEDS, "--output", str(RUNS / out), *extra] + common(NLG, steps)]
+        return lr_specs(methods, a, f).split(",")
 
+    def ablation(methods):
+        return Phase(
+            commands=lambda: [ASTRA + ["compare", "--task", ABLATION_TASK, "--methods", ",".join(ablation_specs(methods)),
+                                       "--seeds", SEEDS, "--eval-split", "test", "--output", str(RUNS / "nlg-main")]
+                              + common(NLG)],
+            folder="nlg-main", methods=lambda: ablation_specs(methods), tasks=[ABLATION_TASK])
+
+    largest = "astra:eigen_selection=largest"
     return {
-        "nlu-lr": lambda: tuning(NLU, "mr", "nlu-lr"),
-        "nlu-main": lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main"),
-        "nlg-lr": lambda: tuning(NLG, "strategyqa", "nlg-lr"),
-        "nlg-main": lambda: main_table(NLG, NLG_TASKS, NLG_METHODS, "nlg-lr", "nlg-main"),
-        "ablation-eigen": lambda: ablation(
-            [f"astra:eigen_selection={s}" for s in
-             ("smallest", "largest", "middle", "lower_quartile", "upper_quartile", "random")], "ablation-eigen"),
-        "ablation-rank": lambda: [
-            *ablation(["astra", "astra:eigen_selection=largest"], "ablation-rank/r8", ["--rank", "8", "--alpha", "8"]),
-            *ablation(["astra", "astra:eigen_selection=largest"], "ablation-rank/r32", ["--rank", "32", "--alpha", "32"]),
-            *ablation(["astra", "astra:eigen_selection=largest", "lora"], "ablation-rank/r128",
-                      ["--rank", "128", "--alpha", "128"]),
-        ],
-        "ablation-statistic": lambda: ablation(
-            [f"astra:statistic={s}" for s in ("covariance", "second_moment", "max_normalized")]
-            + [f"astra:eigen_selection=largest:statistic={s}" for s in ("covariance", "second_moment", "max_normalized")],
-            "ablation-statistic"),
-        "ablation-null-space": lambda: ablation(
-            ["astra:null_space=keep", "astra:null_space=exclude", "astra:accumulation_dtype=float64"],
-            "ablation-null-space"),
-        "ablation-calibration": lambda: ablation(
-            ["astra", "astra:calibration_data=xsum", "astra:eigen_selection=largest",
-             "astra:eigen_selection=largest:calibration_data=xsum"], "ablation-calibration"),
-        "effective-rank": lambda: effective_rank(),
+        "nlu-lr": Phase(lambda: tuning(NLU, "mr", "nlu-lr"), "nlu-lr"),
+        "nlu-main": Phase(lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main"), "nlu-main"),
+        "nlg-lr": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr"), "nlg-lr"),
+        "nlg-main": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_METHODS, "nlg-lr", "nlg-main"), "nlg-main",
+                          methods=lambda: ablation_specs(NLG_METHODS)),
+        "ablation-eigen": ablation(["astra", largest] + [f"astra:eigen_selection={s}" for s in
+                                                         ("middle", "lower_quartile", "upper_quartile", "random")]),
+        # α = r keeps the NLG scaling α/r = 1 at every rank; LoRA at r = 128 is Figure 1's reference.
+        "ablation-rank": ablation(["astra", largest, "lora"]
+                                  + [f"{m}:rank={r}:alpha={r}" for r in (32, 128) for m in ("astra", largest)]
+                                  + ["lora:rank=128:alpha=128"]),
+        "ablation-statistic": ablation([f"{m}{sep}statistic={s}" if s != "covariance" else m
+                                        for m, sep in (("astra", ":"), (largest, ":"))
+                                        for s in ("covariance", "second_moment", "max_normalized")]),
+        "ablation-null-space": ablation(["astra", "astra:null_space=exclude", largest,
+                                         f"{largest}:null_space=exclude"]),
+        "ablation-calibration": ablation(["astra", "astra:calibration_data=xsum", largest,
+                                          f"{largest}:calibration_data=xsum"]),
+        "effective-rank": Phase(effective_rank, "effective-rank"),
     }
 
 
@@ -130,9 +146,31 @@ def _slugs(out: Path) -> list[str]:
     return [p.name for p in folder.iterdir()] if folder.exists() else []
 
 
-def progress(out: str) -> str:
-    summaries = list((RUNS / out).rglob("summary.json"))
-    return f"{len(summaries)} finished runs"
+def progress(phase: Phase) -> str:
+    runs = phase_runs(phase) if (RUNS / phase.folder).exists() else []
+    return f"{len(runs)} finished runs" + ("" if phase.methods is None else f" (in {phase.folder})")
+
+
+def phase_methods(phase: Phase) -> Optional[list[str]]:
+    """The spec names of the phase's table, in its order; None for a phase whose runs are all its own or whose
+    tuning has not finished."""
+    try:
+        return phase.methods() if phase.methods is not None else None
+    except SystemExit:
+        return None
+
+
+def phase_runs(phase: Phase) -> list[dict]:
+    """The finished runs that make the phase's table."""
+    from astra_peft.report import collect_runs
+
+    runs = collect_runs(RUNS / phase.folder)
+    if phase.tasks is not None:
+        runs = [r for r in runs if r["task"] in phase.tasks]
+    if phase.methods is not None:
+        wanted = phase_methods(phase)
+        runs = [r for r in runs if r["method"] in wanted] if wanted is not None else []
+    return runs
 
 
 def main(argv=None):
@@ -144,13 +182,13 @@ def main(argv=None):
     os.chdir(ROOT)
     table = phases()
     if args.list or not args.phases:
-        for name in table:
-            print(f"{name:22s} {progress(name)}")
+        for name, phase in table.items():
+            print(f"{name:22s} {progress(phase)}")
         return
     names = list(table) if args.phases == ["all"] else args.phases
     log = RUNS / "wall_times.csv"
     for name in names:
-        for cmd in table[name]():
+        for cmd in table[name].commands():
             print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
             if args.dry_run:
                 continue
