@@ -128,11 +128,22 @@ def test_real_model_smoke_minilm(tmp_path):
     assert (run / "adapter_lora" / "adapter_config.json").is_file()
 
 
+# `accelerate launch --cpu` starts a single process (multi-CPU needs mpirun); `--multi_gpu` goes through torchrun
+# and, with no GPU, each process falls back to CPU and gloo: that is the accelerate route on this machine.
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes(tiny, tmp_path):
-    """The same command under torchrun: one process group on CPU (gloo), one metrics line per step."""
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes(tiny, tmp_path, launcher):
+    """The same command under torchrun or `accelerate launch`: one process group on CPU (gloo), one metrics line
+    per step."""
     run = tmp_path / "ddp"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+    done = subprocess.run([*LAUNCHERS[launcher], "-m",
                            "astra_peft.cli", "finetune", "--model", str(tiny["llama"]), "--data", str(tiny["gen"]),
                            "--method", "astra", "--output", str(run), *FAST],
                           capture_output=True, text=True, timeout=600, env=ENV)
