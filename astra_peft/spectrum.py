@@ -157,9 +157,15 @@ class _Factored:
 
 
 def _complement_projector(u: torch.Tensor):
-    """Columns of P = I − U Uᵀ, the projector onto the complement of U's orthonormal columns."""
-    d = u.shape[0]
-    return lambda cols: torch.eye(d, dtype=u.dtype, device=u.device)[:, cols] - u @ u[cols].T
+    """Columns of P = I − U Uᵀ, the projector onto the complement of U's orthonormal columns, built column by
+    column: never a d × d identity (d = d_out can be 28672)."""
+
+    def columns(cols):
+        out = -(u @ u[cols].T)
+        out[torch.as_tensor(cols, device=u.device), torch.arange(len(cols), device=u.device)] += 1
+        return out
+
+    return columns
 
 
 def select_eigenvectors(
@@ -172,7 +178,11 @@ def select_eigenvectors(
     """
     if isinstance(matrix, tuple):
         f, g = matrix
-        spectrum = _Factored(f, g) if f.shape[1] < f.shape[0] else _Dense(f @ g @ f.T)
+        if f.shape[1] < f.shape[0]:
+            spectrum = _Factored(f, g)
+        else:
+            product = f @ g @ f.T
+            spectrum = _Dense((product + product.T) / 2)
     else:
         spectrum = _Dense(matrix)
     values = spectrum.values
