@@ -156,6 +156,10 @@ class _Factored:
         return _complement_projector(self._columns(np.arange(k, len(self.values))))
 
 
+def _symmetrised(m: torch.Tensor) -> torch.Tensor:
+    return (m + m.T) / 2  # m is freed on return: one d × d matrix is held through the decomposition, not two
+
+
 def _complement_projector(u: torch.Tensor):
     """Columns of P = I − U Uᵀ, the projector onto the complement of U's orthonormal columns, built column by
     column: never a d × d identity (d = d_out can be 28672)."""
@@ -181,8 +185,7 @@ def select_eigenvectors(
         if f.shape[1] < f.shape[0]:
             spectrum = _Factored(f, g)
         else:
-            product = f @ g @ f.T
-            spectrum = _Dense((product + product.T) / 2)
+            spectrum = _Dense(_symmetrised(f @ g @ f.T))
     else:
         spectrum = _Dense(matrix)
     values = spectrum.values
