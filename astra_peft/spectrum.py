@@ -47,6 +47,41 @@ def eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
+class _Tridiagonal:
+    """One Householder reduction A = Q·T·Qᵀ (LAPACK dsytrd) serving both what Astra needs of a dense CPU matrix:
+    every eigenvalue (from T, O(d²)) and the eigenvectors of one index range (MRRR on T, then Q applied to them).
+    Asking LAPACK for the two separately reduces A twice, and the reduction is most of the cost."""
+
+    def __init__(self, matrix: torch.Tensor):
+        lapack = scipy.linalg.lapack
+        a = np.asarray(matrix.numpy(), dtype=np.float64)
+        n = a.shape[0]
+        lwork, info = lapack.dsytrd_lwork(n, lower=1)  # the wrapper's default workspace is unblocked: 2x slower
+        self.c, self.diag, self.off, self.tau, info = lapack.dsytrd(a, lower=1, lwork=max(int(lwork), 1))
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dsytrd failed (info={info})")
+        self.values = torch.from_numpy(
+            scipy.linalg.eigvalsh_tridiagonal(self.diag, self.off, lapack_driver="sterf", check_finite=False)
+        )
+
+    def vectors(self, lo: int, hi: int) -> torch.Tensor:
+        """Eigenvectors for ascending indices lo..hi inclusive, as columns."""
+        lapack = scipy.linalg.lapack
+        _, z = scipy.linalg.eigh_tridiagonal(self.diag, self.off, select="i", select_range=(lo, hi),
+                                             lapack_driver="stemr", check_finite=False)
+        n = z.shape[0]
+        if n < 2:
+            return torch.from_numpy(np.array(z))
+        # dsytrd's Q (lower) is I ⊕ the Householder product stored below the subdiagonal: LAPACK's dormtr calls
+        # dormqr on exactly these blocks, and scipy exposes dormqr.
+        z = np.asfortranarray(z)
+        tail, _, info = lapack.dormqr("L", "N", self.c[1:, : n - 1], self.tau, z[1:], lwork=max(64 * z.shape[1], 1))
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dormqr failed (info={info})")
+        z[1:] = tail
+        return torch.from_numpy(np.ascontiguousarray(z))
+
+
 def eigenvectors(matrix: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Eigenvectors for ascending indices lo..hi inclusive, as columns.
 
@@ -106,14 +141,16 @@ class _Dense:
 
     def __init__(self, matrix: torch.Tensor):
         self.matrix = matrix.to(device=matrix.device if matrix.is_cuda else "cpu", dtype=torch.float64)
-        self.values = eigenvalues(self.matrix)
+        self._tri = None if self.matrix.is_cuda else _Tridiagonal(self.matrix)
+        self.values = eigenvalues(self.matrix) if self._tri is None else self._tri.values
         self._full: torch.Tensor | None = None
 
     def vectors(self, idx: np.ndarray) -> torch.Tensor:
         if self._full is not None:
             return self._full[:, torch.from_numpy(idx)]
         # One solver call for the contiguous span; a random pick spans (almost) everything anyway.
-        span = eigenvectors(self.matrix, int(idx[0]), int(idx[-1]))
+        lo, hi = int(idx[0]), int(idx[-1])
+        span = eigenvectors(self.matrix, lo, hi) if self._tri is None else self._tri.vectors(lo, hi)
         return span[:, torch.from_numpy(idx - idx[0])]
 
     def projector(self, k: int):
@@ -136,24 +173,26 @@ class _Factored:
         device = f.device if f.is_cuda else "cpu"
         f, g = (t.to(device=device, dtype=torch.float64) for t in (f, g))
         self.q, r = torch.linalg.qr(f)
-        small = r @ g @ r.T
-        lam, self.v = full_eigh((small + small.T) / 2)
+        self.small = _Dense(_symmetrised(r @ g @ r.T))
         self.structural = f.shape[0] - f.shape[1]
+        lam = self.small.values
         values = torch.cat([torch.zeros(self.structural, dtype=lam.dtype, device=lam.device), lam])
         self.values, order = torch.sort(values, stable=True)
-        self.source = (order - self.structural).cpu().numpy()  # column of v, or < 0 for a structural zero
-
-    def _columns(self, idx: np.ndarray) -> torch.Tensor:
-        cols = self.source[idx]
-        if (cols < 0).any():
-            raise AssertionError("structural zeros are degenerate and never selected as regular directions")
-        return self.q @ self.v[:, torch.from_numpy(cols)]
+        self.source = (order - self.structural).cpu().numpy()  # index into the small spectrum, < 0: structural
 
     def vectors(self, idx: np.ndarray) -> torch.Tensor:
-        return self._columns(idx)
+        cols = self.source[idx]  # ascending, as idx is: the sort above keeps the small spectrum's order
+        if (cols < 0).any():
+            raise AssertionError("structural zeros are degenerate and never selected as regular directions")
+        return self.q @ self.small.vectors(cols)
 
     def projector(self, k: int):
-        return _complement_projector(self._columns(np.arange(k, len(self.values))))
+        # The k degenerate directions are the structural zeros plus the small spectrum's first m eigenvalues; the
+        # rest span range(F) = range(Q) when m = 0, which needs no eigenvector at all (the usual case: gate/up).
+        m = k - self.structural
+        if m == 0:
+            return _complement_projector(self.q)
+        return _complement_projector(self.q @ full_eigenvectors(self.small.matrix)[:, m:])
 
 
 def _symmetrised(m: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ Configurations, each timed in its own fresh process, `--repeats` rounds (order r
   tail-r    astra_peft.spectrum.eigenvectors(M, 0, r-1): SciPy/LAPACK syevr, only the r smallest.
   head-r    astra_peft.spectrum.eigenvectors(M, d-r, d-1): the r largest (eigen_selection='largest').
   select-r  astra_peft.spectrum.select_eigenvectors(M, r, AstraConfig()): what initialize_astra_weights runs per
-            layer: all eigenvalues (eigvalsh, for the null-space threshold and the report), then tail-r, signs.
+            layer: one Householder reduction giving all eigenvalues (for the null-space threshold and the report)
+            and the r smallest eigenvectors (MRRR on the tridiagonal matrix, dormqr back-transform), signs.
 Times: the process CPU time of the one timed call (time.process_time; one thread per process, so it is far less
 sensitive than wall time to the other tenants of this shared machine), wall time alongside.
 Angles: sin of the largest principal angle between the two r-dimensional subspaces, computed in float64.

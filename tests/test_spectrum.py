@@ -28,6 +28,20 @@ def test_subset_solver_matches_full_decomposition():
     assert torch.allclose((sub.T @ vectors[:, 3:10]).abs(), torch.eye(7, dtype=torch.float64), atol=1e-8)
 
 
+@pytest.mark.parametrize("lo,hi", [(0, 7), (150, 165), (292, 299), (0, 299)])
+def test_one_reduction_serves_all_eigenvalues_and_any_range(lo, hi):
+    """The dense CPU path reduces once (dsytrd) and takes eigenvalues and an eigenvector range from T."""
+    m = _psd(300, 400, seed=1)
+    values, vectors = torch.linalg.eigh(m)
+    tri = spectrum._Tridiagonal(m)
+    assert torch.allclose(tri.values, values, rtol=0, atol=1e-9 * float(values[-1]))
+    sub = tri.vectors(lo, hi)
+    assert sub.shape == (300, hi - lo + 1)
+    assert torch.allclose(sub.T @ sub, torch.eye(hi - lo + 1, dtype=torch.float64), atol=1e-10)
+    overlap = torch.linalg.svdvals(sub.T @ vectors[:, lo : hi + 1])  # cosines of the principal angles
+    assert overlap.min() > 1 - 1e-8
+
+
 def test_effective_rank():
     assert effective_rank(torch.ones(10)) == pytest.approx(10)
     assert effective_rank(torch.tensor([5.0, 0, 0])) == pytest.approx(1)
