@@ -44,6 +44,28 @@ def _wall_times() -> dict[str, float]:
     return totals
 
 
+def _smallest_vs_largest(runs: list[dict], split: str) -> str:
+    """Per task and seed, Astra's smallest-eigenvalue run against its `largest` twin (same options otherwise):
+    the paired comparison behind the recommended eigen_selection."""
+    acc = {(r["method"], r["task"], r["seed"]): r["final"][split]["accuracy"] for r in runs
+           if r.get("final", {}).get(split, {}).get("accuracy") is not None}
+    rows = []
+    for (method, task, seed), a in sorted(acc.items()):
+        if not method.startswith("astra") or "eigen_selection" in method:
+            continue
+        twin = method.replace("astra", "astra:eigen_selection=largest", 1)
+        if (twin, task, seed) in acc:
+            b = acc[(twin, task, seed)]
+            rows.append(f"| {method} | {task} | {seed} | {100 * a:.2f} | {100 * b:.2f} | {100 * (a - b):+.2f} |")
+    if not rows:
+        return ""
+    wins = sum(float(r.rsplit("|", 2)[1]) > 0 for r in rows)
+    head = ("Astra, smallest vs largest eigenvalues, paired by task and seed "
+            f"(smallest ahead in {wins} of {len(rows)} pairs):\n\n"
+            "| spec (smallest) | task | seed | smallest | largest | difference |\n|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows) + "\n"
+
+
 def main():
     os.chdir(run_study.ROOT)
     walls = _wall_times()
@@ -66,6 +88,9 @@ def main():
         )
         order = run_study.phase_methods(phase)
         parts.append(markdown_table(runs, SPLIT.get(name, "test"), methods=order) + "\n")
+        paired = _smallest_vs_largest(runs, SPLIT.get(name, "test"))
+        if paired:
+            parts.append(paired)
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 

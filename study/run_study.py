@@ -120,7 +120,8 @@ def phases() -> dict[str, Phase]:
     largest = "astra:eigen_selection=largest"
     return {
         "nlu-lr": Phase(lambda: tuning(NLU, "mr", "nlu-lr"), "nlu-lr"),
-        "nlu-main": Phase(lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main"), "nlu-main"),
+        "nlu-main": Phase(lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main"), "nlu-main",
+                          methods=lambda: lr_specs(NLU_METHODS, *lrs("nlu-lr")).split(",")),
         "nlg-lr": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr"), "nlg-lr"),
         "nlg-main": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_METHODS, "nlg-lr", "nlg-main"), "nlg-main",
                           methods=lambda: ablation_specs(NLG_METHODS)),
