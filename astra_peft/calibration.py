@@ -209,6 +209,7 @@ class _Collector:
         self.layer_acc: dict[str, int] = {}
         self.plan = plan
         self.mask: Optional[torch.Tensor] = None
+        self.mask_full = False
         self.batch_index = 0
         for kind, names in plan:
             for n in names:
@@ -233,6 +234,8 @@ class _Collector:
         try:
             for batch in batches:
                 self.mask = _padding_mask(batch)
+                # no padding (packed calibration data): a view, not a gather copy of every activation
+                self.mask_full = self.mask is not None and bool(self.mask.all())
                 self._pending.clear()
                 forward_fn(model, batch)
                 self.batch_index += 1
@@ -259,7 +262,7 @@ class _Collector:
                     f"the attention_mask {tuple(self.mask.shape)}; pass a forward_fn or batches without "
                     "attention_mask for this model."
                 )
-            rows = act[self.mask.to(act.device)]
+            rows = act[self.mask.to(act.device)] if not self.mask_full else act.reshape(-1, act.shape[-1])
         else:
             rows = act.reshape(-1, act.shape[-1])
         return rows
