@@ -209,7 +209,6 @@ class _Collector:
         self.layer_acc: dict[str, int] = {}
         self.plan = plan
         self.mask: Optional[torch.Tensor] = None
-        self.mask_full = False
         self.batch_index = 0
         for kind, names in plan:
             for n in names:
@@ -234,8 +233,6 @@ class _Collector:
         try:
             for batch in batches:
                 self.mask = _padding_mask(batch)
-                # no padding (packed calibration data): a view, not a gather copy of every activation
-                self.mask_full = self.mask is not None and bool(self.mask.all())
                 self._pending.clear()
                 forward_fn(model, batch)
                 self.batch_index += 1
@@ -262,7 +259,7 @@ class _Collector:
                     f"the attention_mask {tuple(self.mask.shape)}; pass a forward_fn or batches without "
                     "attention_mask for this model."
                 )
-            rows = act[self.mask.to(act.device)] if not self.mask_full else act.reshape(-1, act.shape[-1])
+            rows = act[self.mask.to(act.device)]
         else:
             rows = act.reshape(-1, act.shape[-1])
         return rows
@@ -335,8 +332,10 @@ class _Collector:
 
 
 def _padding_mask(batch) -> Optional[torch.Tensor]:
+    """The batch's non-padding positions, or None when every position counts (then rows are a view of the
+    activations, not a gather copy of them)."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is None or mask.dim() != 2:
+    if mask is None or mask.dim() != 2 or bool(mask.all()):
         return None
     return mask.bool()
 

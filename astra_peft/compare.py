@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .specs import MethodSpec, parse_method_list
-from .training import FinetuneConfig, is_finished, run_finetune, write_json_atomic
+from .rundir import is_finished, write_json_atomic
+from .training import FinetuneConfig, run_finetune
 
 
 def task_label(task: Optional[str], data: Optional[str]) -> str:

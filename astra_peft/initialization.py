@@ -97,12 +97,17 @@ def initialize_astra_weights(
         d_out, d_in = out_in_dims(base)
         r = layer.r[adapter_name]
         tokens = stats.tokens(name)
-        needed = d_out + 1 if config.statistic == "covariance" else d_out
+        # The statistic of y = Wx + b has rank ≤ min(d_out, d_in) (+1 for the uncentred moments, through b)
+        # whatever the data; only below that bound does a short calibration show as extra zero eigenvalues.
+        centred = config.statistic == "covariance"
+        bound = min(d_out, d_in if centred else d_in + 1)
+        needed = bound + 1 if centred else bound
         if config.eigen_selection != "largest" and tokens < needed:
             raise ValueError(
-                f"Layer '{name}' saw {tokens} calibration tokens but has d_out={d_out}: its {config.statistic} "
-                f"has rank < d_out, so the low end of the spectrum is an artefact of too little data. Use at "
-                f"least {needed} non-padding tokens (more calibration samples or longer ones)."
+                f"Layer '{name}' saw {tokens} calibration tokens, but its {config.statistic} can have rank "
+                f"{bound} (d_out={d_out}, d_in={d_in}): with fewer tokens the low end of the spectrum is an "
+                f"artefact of too little data. Use at least {needed} non-padding tokens (more calibration "
+                "samples or longer ones)."
             )
         with gather_params_ctx(base.parameters(), modifier_rank=None):
             w, bias = weight_matrix(base), base.bias

@@ -23,7 +23,8 @@ def make_trainer(*, model, cfg, run: Path, lr: float, train_features, collate, e
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .training import cpu_only, write_json_atomic
+    from .rundir import write_json_atomic
+    from .training import cpu_only
 
     class HarnessTrainer(Trainer):
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):

@@ -27,8 +27,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .evaluation import Collator, encode_row, evaluate, pad_id
-from .methods import BuildContext, build_method
+from .methods import METHODS, BuildContext, BuiltModel, build_method, restore_initial_adapter
+from .rundir import is_finished, last_valid_checkpoint, read_jsonl, write_json_atomic
 from .specs import parse_method_spec
+
 
 @dataclass
 class FinetuneConfig:
@@ -89,37 +91,6 @@ class RunInterrupted(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ small helpers
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def is_finished(run_dir) -> bool:
-    return (Path(run_dir) / "summary.json").is_file()
-
-
-def read_jsonl(path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def last_valid_checkpoint(run_dir: Path) -> Optional[Path]:
-    """Newest checkpoint whose trainer_state.json exists: the Trainer writes that file last, so a checkpoint
-    cut short by Ctrl-C is passed over for the one before it."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    found = []
-    for ckpt in folder.glob("checkpoint-*"):
-        step = ckpt.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (ckpt / "trainer_state.json").is_file():
-            found.append((int(step), ckpt))
-    return max(found)[1] if found else None
 
 
 def _load_task(cfg: FinetuneConfig):
@@ -349,8 +320,6 @@ def _build_or_restore(spec, ctx: BuildContext, run: Path, fingerprint: str, is_m
     """Build the method, or, when this run directory already holds the initial adapter for exactly this
     configuration (a restart after Ctrl-C), rebuild the model from it without calibrating again. The saved
     initial adapter also serves the plain-LoRA conversion at the end."""
-    from .methods import BuiltModel, restore_initial_adapter
-
     init_dir, meta_path = run / "adapter_init", run / "init.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if meta and meta["fingerprint"] == fingerprint and init_dir.is_dir():
@@ -378,8 +347,6 @@ def cpu_only() -> bool:
 
 
 def _needs_data(spec) -> bool:
-    from .methods import METHODS
-
     return METHODS[spec.method].data is not None
 
 
