@@ -96,16 +96,12 @@ def eigenvectors(matrix: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.from_numpy(vectors)
 
 
-def full_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All eigenpairs, ascending: divide-and-conquer LAPACK (syevd) on CPU, torch on GPU."""
-    if matrix.is_cuda:
-        return torch.linalg.eigh(matrix)
-    values, vectors = scipy.linalg.eigh(matrix.numpy(), driver="evd", check_finite=False)
-    return torch.from_numpy(values), torch.from_numpy(vectors)
-
-
 def full_eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
-    return full_eigh(matrix)[1]
+    """All eigenvectors, ascending: divide-and-conquer LAPACK (syevd) on CPU, torch on GPU."""
+    if matrix.is_cuda:
+        return torch.linalg.eigh(matrix)[1]
+    _, vectors = scipy.linalg.eigh(matrix.numpy(), driver="evd", check_finite=False)
+    return torch.from_numpy(vectors)
 
 
 def selection_indices(n: int, r: int, how: str, seed: int = 0, name: str = "") -> np.ndarray:
