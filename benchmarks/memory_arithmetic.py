@@ -107,7 +107,9 @@ def layer_stages(d_out, d_in, source, gpu=True):
             qr = held + d_out * p + p * p  # thin Q and R
             stages["QR of F"] = qr
             stages["R·G·Rᵀ"] = qr + 2 * p * p  # the R·G temporary and the product
-            # the product, its symmetrised copy, all p eigenvectors + workspace (full_eigh, on CPU and GPU)
+            # UPPER BOUND since dcf1fc9: the code now takes only the small matrix's eigenvalues and, when only
+            # structural zeros are degenerate, uses Q itself (no Q·v); this keeps the older, larger steps.
+            # the product, its symmetrised copy, all p eigenvectors + workspace (full eigh, on CPU and GPU)
             stages["p×p eigh"] = qr + 3 * p * p + syevd_work(p)
             kept = held + d_out * p + p * p  # Q and v stay on the spectrum object
             n = p  # columns of Q·v spanning the non-zero spectrum: all p for full-rank W and C
