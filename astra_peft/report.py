@@ -51,14 +51,14 @@ def _ordered(items: Sequence[str], order: Optional[Sequence[str]]) -> list[str]:
     return [m for m in order if m in items] + sorted(m for m in set(items) if m not in order)
 
 
-def _accuracy(run: dict, split: str) -> Optional[float]:
-    return run.get("final", {}).get(split, {}).get("accuracy")
+def _metric(run: dict, split: str, metric: str = "accuracy") -> Optional[float]:
+    return run.get("final", {}).get(split, {}).get(metric)
 
 
 def summary_rows(runs: list[dict], split: str, methods: Optional[Sequence[str]] = None,
-                 tasks: Optional[Sequence[str]] = None) -> tuple[list[str], list[dict]]:
-    """Rows = methods, with per-task accuracies (over seeds), their average (per seed, then over seeds), the
-    final train loss, wall times and trainable parameters."""
+                 tasks: Optional[Sequence[str]] = None, metric: str = "accuracy") -> tuple[list[str], list[dict]]:
+    """Rows = methods, with per-task `metric` (accuracy or loss, over seeds), its average (per seed, then over
+    seeds), the final train loss, wall times and trainable parameters."""
     tasks = _ordered([r["task"] for r in runs], tasks)
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
@@ -68,11 +68,11 @@ def summary_rows(runs: list[dict], split: str, methods: Optional[Sequence[str]] 
         group = by_method[method]
         row = {"method": method, "seeds": sorted({r["seed"] for r in group})}
         for task in tasks:
-            row[task] = [_accuracy(r, split) for r in group if r["task"] == task]
+            row[task] = [_metric(r, split, metric) for r in group if r["task"] == task]
         per_seed = defaultdict(list)
         for r in group:
-            if _accuracy(r, split) is not None:
-                per_seed[r["seed"]].append(_accuracy(r, split))
+            if _metric(r, split, metric) is not None:
+                per_seed[r["seed"]].append(_metric(r, split, metric))
         complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(tasks)]
         row["average"] = complete
         row["train_loss"] = [r.get("mean_train_loss_last10") for r in group]
@@ -92,14 +92,16 @@ def _params(n: Optional[int]) -> str:
     return str(n)
 
 
-def markdown_table(runs: list[dict], split: str, methods=None, tasks=None) -> str:
-    tasks, rows = summary_rows(runs, split, methods, tasks)
+def markdown_table(runs: list[dict], split: str, methods=None, tasks=None, metric: str = "accuracy") -> str:
+    """Accuracy in percent; `metric="loss"` gives the held-out loss (4 decimals) in the same shape."""
+    tasks, rows = summary_rows(runs, split, methods, tasks, metric)
+    fmt = (100.0, 2) if metric == "accuracy" else (1.0, 4)
     header = ["Method", "#Params", *tasks, "Average", "Train loss", "Calib.+init (s)", "Training (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["method"], _params(row["trainable_parameters"])]
-        cells += [_cell(row[t]) for t in tasks]
-        cells += [_cell(row["average"]), _cell(row["train_loss"], 1.0, 4),
+        cells += [_cell(row[t], *fmt) for t in tasks]
+        cells += [_cell(row["average"], *fmt), _cell(row["train_loss"], 1.0, 4),
                   _cell(row["prep_seconds"], 1.0, 1), _cell(row["train_seconds"], 1.0, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

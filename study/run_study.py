@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,6 +36,7 @@ NLG_TASKS = ["strategyqa", "math-qa", "social-iqa"]
 NLU_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "rslora", "dora", "pissa", "milora", "olora",
                "corda", "lora-ga", "eva", "full"]
 NLG_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "pissa", "milora", "corda", "lora-ga", "full"]
+NLG_PAIRS = NLG_METHODS[:3]
 ABLATION_TASK = "strategyqa"  # the NLG task of every ablation (and of NLG learning-rate tuning)
 SEEDS = "0,1,2"
 # learning-rate grids, tuned per method family on the dev split of one task, seed 0
@@ -65,8 +66,12 @@ def tuned_lr(phase: str, family_methods: list[str], grid: list[str]) -> str:
     return max(done, key=done.get)
 
 
-def lr_specs(methods: list[str], adapter_lr: str, full_lr: str) -> str:
+def lr_specs(methods: list[str], adapter_lr: str, full_lr: Optional[str]) -> str:
     return ",".join(f"{m}:lr={full_lr if m.split(':')[0] == 'full' else adapter_lr}" for m in methods)
+
+
+def is_full(spec: str) -> bool:
+    return spec.split(":")[0] == "full"
 
 
 @dataclass
@@ -75,56 +80,76 @@ class Phase:
     folder make its table. The NLG ablations share `nlg-main`'s folder: a configuration that appears in several
     tables (Astra's defaults, say, in Tables 2, 4, the statistic and the calibration ablations) runs once."""
 
-    commands: Callable[[], list[list[str]]]
+    commands: Callable[[], Iterator[list[str]]]  # a generator: a command is built only when the one before ran
     folder: str
     methods: Optional[Callable[[], list[str]]] = None  # spec names in the table (None: every run in the folder)
     tasks: Optional[list[str]] = None
+    table: bool = True  # False for a phase that only orders runs another phase's table shows
 
 
 def phases() -> dict[str, Phase]:
     def tuning(cfg, task, out):
         adapters = [f"{m}:lr={lr}" for m in ("lora", "astra") for lr in ADAPTER_LRS]
         full = [f"full:lr={lr}" for lr in FULL_LRS]
-        return [ASTRA + ["compare", "--task", task, "--methods", ",".join(adapters + full), "--seeds", "0",
-                         "--eval-split", "dev", "--output", str(RUNS / out)] + common(cfg)]
+        yield ASTRA + ["compare", "--task", task, "--methods", ",".join(adapters + full), "--seeds", "0",
+                       "--eval-split", "dev", "--output", str(RUNS / out)] + common(cfg)
 
-    def lrs(out):
-        return tuned_lr(out, ["lora", "astra"], ADAPTER_LRS), tuned_lr(out, ["full"], FULL_LRS)
+    def specs(methods, tune, strict=True):
+        """Methods with their tuned learning rates. Adapter specs need only the adapter tuning; with
+        strict=False, full fine-tuning is left out (rather than refused) while its tuning is unfinished."""
+        adapter = tuned_lr(tune, ["lora", "astra"], ADAPTER_LRS)
+        if any(is_full(m) for m in methods):
+            try:
+                full = tuned_lr(tune, ["full"], FULL_LRS)
+            except SystemExit:
+                if strict:
+                    raise
+                methods = [m for m in methods if not is_full(m)]
+                full = None
+        return lr_specs(methods, adapter, full if any(is_full(m) for m in methods) else None).split(",")
 
-    def main_table(cfg, tasks, methods, tune, out):
-        a, f = lrs(tune)
-        return [ASTRA + ["compare", "--tasks", ",".join(tasks), "--methods", lr_specs(methods, a, f),
-                         "--seeds", SEEDS, "--eval-split", "test", "--output", str(RUNS / out)] + common(cfg)]
+    def compare(cfg, tasks, methods, seeds, out):
+        return ASTRA + ["compare", "--tasks", ",".join(tasks), "--methods", ",".join(methods), "--seeds", seeds,
+                        "--eval-split", "test", "--output", str(RUNS / out)] + common(cfg)
+
+    def main_table(cfg, tasks, methods, tune, out, seed_major=False):
+        """Adapters task by task, full fine-tuning last: adapter columns need only the adapter learning rate,
+        so they run while full fine-tuning's tuning is pending. seed_major runs every method of seed 0 before
+        seed 1, so an interrupted phase leaves complete pairs rather than one method's three seeds."""
+        adapters = [m for m in methods if not is_full(m)]
+        for task in tasks:
+            for seeds in (SEEDS.split(",") if seed_major else [SEEDS]):
+                yield compare(cfg, [task], specs(adapters, tune), seeds, out)
+        if any(is_full(m) for m in methods):
+            yield compare(cfg, tasks, specs([m for m in methods if is_full(m)], tune), SEEDS, out)
 
     def effective_rank():
         """Fine-tune astra and lora keeping the weights (small for MiniLM), then measure Eq. 9 before/after."""
-        a, _ = lrs("nlu-lr")
+        a = tuned_lr("nlu-lr", ["lora", "astra"], ADAPTER_LRS)
         out = RUNS / "effective-rank"
         train = ASTRA + ["compare", "--task", "mr", "--methods", f"astra:lr={a},lora:lr={a}", "--seeds", "0",
                          "--eval-split", "test", "--output", str(out)]
-        train += [c for c in common(NLU) if c != "--no-save-weights"]
-        runs = [out / "runs" / "mr" / slug / "seed0" for slug in sorted(_slugs(out))]
-        return [train] + [ASTRA + ["analyze", str(r), "--samples", "128"] for r in runs]
-
-    def ablation_specs(methods):
-        a, f = lrs("nlg-lr")
-        return lr_specs(methods, a, f).split(",")
+        yield train + [c for c in common(NLU) if c != "--no-save-weights"]
+        for run in [out / "runs" / "mr" / slug / "seed0" for slug in sorted(_slugs(out))]:
+            yield ASTRA + ["analyze", str(run), "--samples", "128"]
 
     def ablation(methods):
         return Phase(
-            commands=lambda: [ASTRA + ["compare", "--task", ABLATION_TASK, "--methods", ",".join(ablation_specs(methods)),
-                                       "--seeds", SEEDS, "--eval-split", "test", "--output", str(RUNS / "nlg-main")]
-                              + common(NLG)],
-            folder="nlg-main", methods=lambda: ablation_specs(methods), tasks=[ABLATION_TASK])
+            commands=lambda: iter([compare(NLG, [ABLATION_TASK], specs(methods, "nlg-lr"), SEEDS, "nlg-main")]),
+            folder="nlg-main", methods=lambda: specs(methods, "nlg-lr", strict=False), tasks=[ABLATION_TASK])
 
     largest = "astra:eigen_selection=largest"
     return {
         "nlu-lr": Phase(lambda: tuning(NLU, "mr", "nlu-lr"), "nlu-lr"),
         "nlu-main": Phase(lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main"), "nlu-main",
-                          methods=lambda: lr_specs(NLU_METHODS, *lrs("nlu-lr")).split(",")),
+                          methods=lambda: specs(NLU_METHODS, "nlu-lr", strict=False)),
         "nlg-lr": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr"), "nlg-lr"),
+        # The runs that answer the eigen-selection question first (Astra's two ends and LoRA, every task, seed by
+        # seed); nlg-main then adds the other methods to the same folder.
+        "nlg-pairs": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_PAIRS, "nlg-lr", "nlg-main", seed_major=True),
+                           "nlg-main", table=False),
         "nlg-main": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_METHODS, "nlg-lr", "nlg-main"), "nlg-main",
-                          methods=lambda: ablation_specs(NLG_METHODS)),
+                          methods=lambda: specs(NLG_METHODS, "nlg-lr", strict=False)),
         "ablation-eigen": ablation(["astra", largest] + [f"astra:eigen_selection={s}" for s in
                                                          ("middle", "lower_quartile", "upper_quartile", "random")]),
         # α = r keeps the NLG scaling α/r = 1 at every rank; LoRA at r = 128 is Figure 1's reference.

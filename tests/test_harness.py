@@ -304,6 +304,18 @@ def test_compare_writes_table_and_plots_and_skips_finished_runs(tiny, tmp_path):
     assert len([m for m in logs if "skipped" in m]) == 6 and not any("running" in m for m in logs)
 
 
+def test_table_of_accuracy_or_held_out_loss():
+    from astra_peft.report import markdown_table
+
+    def run(method, seed, acc, loss):
+        return {"method": method, "task": "t", "seed": seed, "final": {"test": {"accuracy": acc, "loss": loss}},
+                "seconds": {"calibration": 1.0, "initialization": 1.0, "training": 2.0}}
+
+    runs = [run("a", 0, 0.5, 2.0), run("a", 1, 0.7, 2.5)]
+    accuracy, loss = (markdown_table(runs, "test", metric=m).splitlines()[2].split(" | ") for m in ("accuracy", "loss"))
+    assert accuracy[2] == "60.00 ± 14.14" and loss[2] == "2.2500 ± 0.3536"
+
+
 def test_effective_rank_report(tmp_path):
     from astra_peft.report import effective_rank_table, write_effective_rank
 
