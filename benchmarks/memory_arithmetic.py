@@ -106,19 +106,21 @@ def layer_stages(d_out, d_in, source, gpu=True):
             p = d_in  # covariance: F has no bias column (second_moment with a bias would make it d_in + 1)
             qr = held + d_out * p + p * p  # thin Q and R
             stages["QR of F"] = qr
-            stages["R·G·Rᵀ"] = qr + 2 * p * p  # the R·G temporary and the product
-            # UPPER BOUND since dcf1fc9: the code now takes only the small matrix's eigenvalues and, when only
-            # structural zeros are degenerate, uses Q itself (no Q·v); this keeps the older, larger steps.
-            # the product, its symmetrised copy, all p eigenvectors + workspace (full eigh, on CPU and GPU)
-            stages["p×p eigh"] = qr + 3 * p * p + syevd_work(p)
-            kept = held + d_out * p + p * p  # Q and v stay on the spectrum object
-            n = p  # columns of Q·v spanning the non-zero spectrum: all p for full-rank W and C
-            stages["Q·v"] = kept + p * n + d_out * n  # the v[:, cols] copy and U = Q·v
-            # _complement_projector's columns(cols), U (d_out x n) held by the closure: u[cols] (BLOCK x n) and
-            # u @ u[cols]ᵀ (d_out x BLOCK) alive together, then that product and its negation; the += 1 at
-            # (cols[j], j) is in place (three BLOCK-long index/gather temporaries, counted)
-            stages["null-space block"] = kept + d_out * n + max(BLOCK * n + d_out * BLOCK, 2 * d_out * BLOCK) \
-                + 3 * BLOCK
+            # (R·G)·Rᵀ, then _symmetrised: the product, product + productᵀ and the half alive at the division
+            stages["R·G·Rᵀ"] = qr + 3 * p * p
+            kept = held + d_out * p + p * p  # Q and the small matrix stay on the spectrum object; R is freed
+            if gpu:  # the small matrix's eigenvalues: a solver copy and dsyevd's jobz=N workspace, freed after
+                stages["p×p eigenvalues"] = kept + p * p + syevd_work(p, False)
+            else:  # _Tridiagonal: one dsytrd copy, kept for eigenvectors the selection might ask for, + dsterf
+                kept += p * p
+                stages["p×p eigenvalues"] = kept + 4 * p
+            # Under the defaults only the d_out − p structural zeros are degenerate, so the projector is I − QQᵀ
+            # from Q itself (no small-matrix eigenvector, no Q·v). _complement_projector's columns(cols):
+            # Q[cols] (BLOCK x p) and Q @ Q[cols]ᵀ (d_out x BLOCK) alive together, then the product and its
+            # negation; the += 1 at (cols[j], j) is in place (three BLOCK-long index/gather temporaries).
+            # Other cases (not modelled): degenerate eigenvalues inside the small spectrum add a full p × p eigh
+            # and Q·v (d_out x p); `largest` adds only r small-matrix vectors and Q·v (d_out x r).
+            stages["null-space block"] = kept + max(BLOCK * p + d_out * BLOCK, 2 * d_out * BLOCK) + 3 * BLOCK
             return "factored", stages
         # select_eigenvectors: product = F·G·Fᵀ (the F·G temporary alive while it is formed), then
         # (product + product.T) / 2: product, the sum and the half alive at the division
@@ -127,12 +129,13 @@ def layer_stages(d_out, d_in, source, gpu=True):
         d, path = d_out, "dense, W C Wᵀ"
         # F, G and M, the symmetrised copy (the unsymmetrised product is freed when _symmetrised returns)
         base = held + d * d
-    # eigenvalues(): a solver copy of M (+ dsyevd's jobz=N workspace on GPU, dsyevr's 26 d + 10 d ints on CPU)
-    stages["eigenvalues"] = base + d * d + (syevd_work(d, False) if gpu else 31 * d)
-    if gpu:  # eigenvectors() on CUDA: a full eigh, then an r-column clone
+    if gpu:  # eigenvalues(): a solver copy of M + dsyevd's jobz=N workspace; then a full eigh and an r-column clone
+        stages["eigenvalues"] = base + d * d + syevd_work(d, False)
         stages["eigh, all vectors"] = base + d * d + syevd_work(d) + d * RANK
-    else:  # MRRR (dsyevr) for the r vectors only; a degenerate pick would cost what the GPU column shows
-        stages["MRRR subset"] = base + d * d + d * RANK + 31 * d
+    else:  # _Tridiagonal: one dsytrd copy of M serves dsterf (eigenvalues) and dstemr + dormqr (the r vectors:
+        # Z, dstemr's 18 d doubles + 10 d ints); a degenerate pick would cost what the GPU column shows
+        stages["eigenvalues"] = base + d * d + 4 * d
+        stages["MRRR subset"] = base + d * d + d * RANK + 23 * d + 4 * d
     return path, stages
 
 
@@ -268,12 +271,13 @@ def decomposition_flops(d_out, d_in, source, gpu=True):
     if source == "input" and d_in < d_out:
         p = d_in
         qr = 2 * (2 * d_out * p * p - 2 / 3 * p ** 3)  # geqrf + forming the thin Q
-        # R·G·Rᵀ, full p×p eigh (tridiagonal + back-transformation), Q·v, one projector block
-        return qr + 4 * p ** 3 + tri(p) + 2 * p ** 3 + 2 * d_out * p * p + 2 * d_out * BLOCK * p
+        # R·G·Rᵀ, the small matrix's eigenvalues (one reduction), one projector block from Q
+        return qr + 4 * p ** 3 + tri(p) + 2 * d_out * BLOCK * p
     build = 0 if source == "output" else 2 * d_out * d_in * d_in + 2 * d_out * d_out * d_in  # F·G·Fᵀ
     d = d_out
-    vectors = tri(d) + 2 * d ** 3 if gpu else tri(d) + 2 * d * d * RANK  # full eigh, or MRRR's r vectors
-    return build + tri(d) + vectors  # + the eigenvalue pass
+    if gpu:  # an eigenvalue pass, then a full eigh (reduction + back-transformation of all d vectors)
+        return build + tri(d) + tri(d) + 2 * d ** 3
+    return build + tri(d) + 2 * d * d * RANK  # one reduction; MRRR's r vectors back-transformed
 
 
 def flops(tokens: int) -> None:
