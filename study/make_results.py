@@ -20,9 +20,12 @@ sys.path.insert(0, str(HERE))
 
 import run_study  # noqa: E402
 
-from astra_peft.report import markdown_table  # noqa: E402
+from astra_peft.report import markdown_table, plot_curves  # noqa: E402
 
 OUT = HERE.parent / "docs" / "results_tables.md"
+FIGURES = OUT.parent / "figures"
+# the main tables' loss plots show these method families only (a dozen curves per panel would be unreadable)
+MAIN_PLOT = ("astra", "lora", "pissa", "full")
 # the split a phase reports: tuning reads dev only; every other phase reports test
 SPLIT = {"nlu-lr": "dev", "nlg-lr": "dev"}
 
@@ -101,6 +104,12 @@ def main():
         if phase.folder.startswith("nlg"):
             parts.append("Held-out loss per answer token on the same rows (lower is better):\n")
             parts.append(markdown_table(runs, SPLIT.get(name, "test"), methods=order, metric="loss") + "\n")
+        shown = order or sorted({r["method"] for r in runs})
+        if name.endswith("-main"):
+            shown = [m for m in shown if m.split(":")[0] in MAIN_PLOT]
+        FIGURES.mkdir(exist_ok=True)
+        plot_curves([r for r in runs if r["method"] in shown], "loss", FIGURES / f"{name}_loss.png", methods=shown)
+        parts.append(f"Training loss, mean over seeds (shaded: min to max):\n\n![{name}](figures/{name}_loss.png)\n")
         paired = _smallest_vs_largest(runs, SPLIT.get(name, "test"))
         if paired:
             parts.append(paired)
