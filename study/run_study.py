@@ -135,7 +135,9 @@ def phases() -> dict[str, Phase]:
 
     def ablation(methods):
         return Phase(
-            commands=lambda: iter([compare(NLG, [ABLATION_TASK], specs(methods, "nlg-lr"), SEEDS, "nlg-main")]),
+            # seed by seed, so an interrupted ablation leaves every configuration at the same seeds
+            commands=lambda: (compare(NLG, [ABLATION_TASK], specs(methods, "nlg-lr"), seed, "nlg-main")
+                              for seed in SEEDS.split(",")),
             folder="nlg-main", methods=lambda: specs(methods, "nlg-lr", strict=False), tasks=[ABLATION_TASK])
 
     largest = "astra:eigen_selection=largest"
