@@ -75,6 +75,31 @@ def _smallest_vs_largest(runs: list[dict], split: str) -> str:
     return head + "\n" + "\n".join(rows) + "\n"
 
 
+def _effective_rank() -> str:
+    """Eq. 9 per layer type, before and after fine-tuning, Astra beside LoRA, from each run's `astra analyze`."""
+    parts = []
+    for task_dir in sorted((run_study.RUNS / "effective-rank" / "runs").glob("*")):
+        found = {}
+        for csv_path in sorted(task_dir.glob("*/seed0/analysis/effective_rank.csv")):
+            found[csv_path.parents[2].name] = list(csv.DictReader(csv_path.open()))
+        if not found:
+            continue
+        slugs = sorted(found)
+        head = ["layer type", "layers", "before"] + [f"{s} {c}" for s in slugs for c in ("after", "change")]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, row in enumerate(found[slugs[0]]):
+            cells = [row["layer_type"], row["layers"], f"{float(row['before']):.2f}"]
+            for slug in slugs:
+                other = found[slug][i]
+                cells += [f"{float(other['after']):.2f}", f"{float(other['change']):+.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        gains = {slug: sum(float(r["change"]) for r in found[slug]) / len(found[slug]) for slug in slugs}
+        parts.append(f"Effective rank (Eq. 9), `{task_dir.name}`, mean over the layers of each type, 128 test rows; "
+                     "mean change over layer types: " + ", ".join(f"{k} {v:+.2f}" for k, v in gains.items())
+                     + ":\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def main():
     os.chdir(run_study.ROOT)
     walls = _wall_times()
@@ -113,6 +138,8 @@ def main():
         paired = _smallest_vs_largest(runs, SPLIT.get(name, "test"))
         if paired:
             parts.append(paired)
+        if name == "effective-rank":
+            parts.append(_effective_rank())
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 

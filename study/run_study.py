@@ -39,6 +39,7 @@ NLG_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "pissa", "milor
 NLG_PAIRS = NLG_METHODS[:3]
 ABLATION_TASK = "strategyqa"  # the NLG task of every ablation (and of NLG learning-rate tuning)
 SEEDS = "0,1,2"
+EFFECTIVE_RANK = [(NLU, "mr", "nlu-lr"), (NLG, "social-iqa", "nlg-lr")]  # one task of each kind
 # learning-rate grids, tuned per method family on the dev split of one task, seed 0
 ADAPTER_LRS = ["1e-4", "5e-4", "2e-3"]
 FULL_LRS = ["2e-5", "1e-4", "5e-4"]
@@ -124,14 +125,17 @@ def phases() -> dict[str, Phase]:
             yield compare(cfg, tasks, specs([m for m in methods if is_full(m)], tune), SEEDS, out)
 
     def effective_rank():
-        """Fine-tune astra and lora keeping the weights (small for MiniLM), then measure Eq. 9 before/after."""
-        a = tuned_lr("nlu-lr", ["lora", "astra"], ADAPTER_LRS)
+        """Per kind of task (MiniLM on mr, SmolLM2 on social-iqa): fine-tune Astra and LoRA keeping the weights
+        (a MiniLM model, a SmolLM2 adapter: small), then measure Eq. 9 before and after on 128 test rows."""
         out = RUNS / "effective-rank"
-        train = ASTRA + ["compare", "--task", "mr", "--methods", f"astra:lr={a},lora:lr={a}", "--seeds", "0",
-                         "--eval-split", "test", "--output", str(out)]
-        yield train + [c for c in common(NLU) if c != "--no-save-weights"]
-        for run in [out / "runs" / "mr" / slug / "seed0" for slug in sorted(_slugs(out))]:
-            yield ASTRA + ["analyze", str(run), "--samples", "128"]
+        for cfg, task, tune in EFFECTIVE_RANK:
+            a = tuned_lr(tune, ["lora", "astra"], ADAPTER_LRS)
+            yield ASTRA + ["compare", "--task", task, "--methods", f"astra:lr={a},lora:lr={a}", "--seeds", "0",
+                           "--eval-split", "test", "--output", str(out)] + \
+                [c for c in common(cfg) if c != "--no-save-weights"]
+            for slug in sorted(_slugs(out, task)):
+                yield ASTRA + ["analyze", str(out / "runs" / task / slug / "seed0"), "--split", "test",
+                               "--samples", "128"]
 
     def ablation(methods):
         return Phase(
@@ -169,8 +173,8 @@ def phases() -> dict[str, Phase]:
     }
 
 
-def _slugs(out: Path) -> list[str]:
-    folder = out / "runs" / "mr"
+def _slugs(out: Path, task: str) -> list[str]:
+    folder = out / "runs" / task
     return [p.name for p in folder.iterdir()] if folder.exists() else []
 
 
