@@ -311,9 +311,10 @@ def test_table_of_accuracy_or_held_out_loss():
         return {"method": method, "task": "t", "seed": seed, "final": {"test": {"accuracy": acc, "loss": loss}},
                 "seconds": {"calibration": 1.0, "initialization": 1.0, "training": 2.0}}
 
-    runs = [run("a", 0, 0.5, 2.0), run("a", 1, 0.7, 2.5)]
-    accuracy, loss = (markdown_table(runs, "test", metric=m).splitlines()[2].split(" | ") for m in ("accuracy", "loss"))
-    assert accuracy[2] == "60.00 ± 14.14" and loss[2] == "2.2500 ± 0.3536"
+    runs = [run("a", 0, 0.5, 2.0), run("a", 1, 0.7, 2.5), run("b", 0, 0.4, 3.0)]
+    accuracy, loss = (markdown_table(runs, "test", metric=m).splitlines()[2:4] for m in ("accuracy", "loss"))
+    assert accuracy[0].split(" | ")[2] == "60.00 ± 14.14" and loss[0].split(" | ")[2] == "2.2500 ± 0.3536"
+    assert accuracy[1].split(" | ")[2] == "40.00" and loss[1].split(" | ")[2] == "3.0000"  # one seed: no spread
 
 
 def test_effective_rank_report(tmp_path):
