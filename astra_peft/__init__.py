@@ -6,6 +6,7 @@
 
 from .calibration import collect_activation_stats
 from .config import AstraConfig
+from .conversion import save_as_lora
 from .initialization import AstraReport, initialize_astra_weights
 from .spectrum import effective_rank, effective_ranks
 from .stats import ActivationStats
@@ -18,5 +19,6 @@ __all__ = [
     "effective_rank",
     "effective_ranks",
     "initialize_astra_weights",
+    "save_as_lora",
 ]
 __version__ = "0.1.0"

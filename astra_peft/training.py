@@ -361,9 +361,10 @@ def _save_weights(model, tokenizer, run: Path, is_peft: bool, mutates_base: bool
         return
     model.save_pretrained(str(run / "adapter"))
     if mutates_base and (run / "adapter_init").is_dir():
-        # PEFT's own conversion: the difference to the initial adapter as a rank-2r LoRA of the original base.
-        model.save_pretrained(str(run / "adapter_lora"),
-                              path_initial_model_for_weight_conversion=str(run / "adapter_init"))
+        # the difference to the initial adapter as a rank-2r LoRA of the original base, trained head included
+        from .conversion import save_as_lora
+
+        save_as_lora(model, run / "adapter_lora", run / "adapter_init")
 
 
 def steps_for(cfg: FinetuneConfig, n_train: int) -> int:

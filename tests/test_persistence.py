@@ -64,3 +64,28 @@ def test_trained_adapter_converts_to_plain_lora_on_the_original_base(family, tmp
     r = model.peft_config["default"].r
     assert converted.peft_config["default"].r == 2 * r
     assert (logits(converted, batch) - expected).abs().max() <= 1e-4
+
+
+def test_conversion_keeps_a_trained_classification_head(tmp_path):
+    """PEFT's conversion drops modules_to_save; save_as_lora writes the trained head back."""
+    from astra_peft.conversion import save_as_lora
+
+    factory = MODELS["bert"][0]
+    model = peft_model("bert", modules_to_save=["classifier"])
+    model.eval()
+    initialize_astra_weights(model, make_batches(), AstraConfig(**QUIET))
+    model.save_pretrained(tmp_path / "init")
+    _train_a_little(model)
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    head.weight.data += 0.5  # a trained head, unlike the base model's
+    batch = make_batches()[0]
+    expected = logits(model, batch)
+
+    model.save_pretrained(tmp_path / "peft_only", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    from safetensors.torch import load_file
+
+    assert not any("classifier" in k for k in load_file(tmp_path / "peft_only" / "adapter_model.safetensors"))
+
+    save_as_lora(model, tmp_path / "lora", tmp_path / "init")
+    converted = PeftModel.from_pretrained(factory(), tmp_path / "lora").eval()
+    assert (logits(converted, batch) - expected).abs().max() <= 1e-4
