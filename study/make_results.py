@@ -9,6 +9,7 @@ table in the paper's shape (mean ± std over seeds), and the wall time the runs 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
 import sys
@@ -27,7 +28,7 @@ FIGURES = OUT.parent / "figures"
 # the main tables' loss plots show these method families only (a dozen curves per panel would be unreadable)
 MAIN_PLOT = ("astra", "lora", "pissa", "full")
 # the split a phase reports: tuning reads dev only; every other phase reports test
-SPLIT = {"nlu-lr": "dev", "nlg-lr": "dev"}
+SPLIT = {"nlu-lr": "dev", "nlg-lr": "dev", "nlg-lr-largest": "dev"}
 
 
 def _commands(name: str) -> list[str]:
@@ -73,6 +74,21 @@ def _smallest_vs_largest(runs: list[dict], split: str) -> str:
             "| spec (smallest) | task | seed | acc. smallest | acc. largest | difference | loss smallest | "
             "loss largest |\n|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows) + "\n"
+
+
+def _references(folder: str) -> str:
+    """What the same test rows give without fine-tuning (study/references.py), beside the table it anchors."""
+    path = run_study.RUNS / "references.json"
+    if not path.exists():
+        return ""
+    refs = json.loads(path.read_text())
+    if folder == "nlu-main":
+        cells = ", ".join(f"{t} {100 * m['accuracy']:.2f}" for t, m in refs["majority"].items())
+        return f"Reference, always answering the most frequent test label: {cells}.\n"
+    if folder == "nlg-main":
+        cells = ", ".join(f"{t} {100 * m['accuracy']:.2f} (loss {m['loss']:.4f})" for t, m in refs["zero_shot"].items())
+        return f"Reference, {run_study.NLG['model']} without fine-tuning, same test rows: {cells}.\n"
+    return ""
 
 
 def _effective_rank() -> str:
@@ -125,6 +141,8 @@ def main():
             f"(driver wall time {walls.get(name, 0) / 60:.1f} min). Split: {SPLIT.get(name, 'test')}.\n"
         )
         order = run_study.phase_methods(phase)
+        if SPLIT.get(name, "test") == "test":
+            parts.append(_references(phase.folder))
         parts.append(markdown_table(runs, SPLIT.get(name, "test"), methods=order) + "\n")
         if phase.folder.startswith("nlg"):
             parts.append("Held-out loss per answer token on the same rows (lower is better):\n")

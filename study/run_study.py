@@ -89,10 +89,10 @@ class Phase:
 
 
 def phases() -> dict[str, Phase]:
-    def tuning(cfg, task, out):
-        adapters = [f"{m}:lr={lr}" for m in ("lora", "astra") for lr in ADAPTER_LRS]
-        full = [f"full:lr={lr}" for lr in FULL_LRS]
-        yield ASTRA + ["compare", "--task", task, "--methods", ",".join(adapters + full), "--seeds", "0",
+    def tuning(cfg, task, out, families=(("lora", "astra"), ("full",))):
+        grid = [f"{m}:lr={lr}" for family in families for m in family
+                for lr in (FULL_LRS if family == ("full",) else ADAPTER_LRS)]
+        yield ASTRA + ["compare", "--task", task, "--methods", ",".join(grid), "--seeds", "0",
                        "--eval-split", "dev", "--output", str(RUNS / out)] + common(cfg)
 
     def specs(methods, tune, strict=True):
@@ -150,6 +150,10 @@ def phases() -> dict[str, Phase]:
         "nlu-main": Phase(lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main", seed_major=True),
                           "nlu-main", methods=lambda: specs(NLU_METHODS, "nlu-lr", strict=False)),
         "nlg-lr": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr"), "nlg-lr"),
+        # A check on the shared adapter rate: `largest` starts in W's principal output directions (like PiSSA),
+        # where 2e-3 may be too large. Its own folder, so it never moves the family's tuned rate.
+        "nlg-lr-largest": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr-largest",
+                                               families=(("astra:eigen_selection=largest",),)), "nlg-lr-largest"),
         # The runs that answer the eigen-selection question first (Astra's two ends and LoRA, every task, seed by
         # seed); nlg-main then adds the other methods to the same folder.
         "nlg-pairs": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_PAIRS, "nlg-lr", "nlg-main", seed_major=True),
