@@ -245,7 +245,9 @@ def analyze_run(run_dir, *, split: str = "dev", samples: int = 64, batch_size: i
         adapter = run / "adapter_lora" if (run / "adapter_lora").is_dir() else run / "adapter"
         if not adapter.is_dir():
             raise ValueError(f"{run} has no saved adapter (was it run with --no-save-weights?)")
-        if adapter.name == "adapter" and (run / "adapter_init").is_dir():
+        # every PEFT run keeps adapter_init (for restarts); only a rewritten base makes `adapter` unusable alone
+        init = json.loads((run / "init.json").read_text()) if (run / "init.json").is_file() else {}
+        if adapter.name == "adapter" and init.get("mutates_base", (run / "adapter_init").is_dir()):
             raise ValueError(f"{run}: the adapter needs its residual base and no plain-LoRA conversion was saved")
         tuned = PeftModel.from_pretrained(tuned, str(adapter)).merge_and_unload()
     after = measure(tuned, tokenizer)

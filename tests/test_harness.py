@@ -231,6 +231,15 @@ def test_finetune_classification(tiny, tmp_path, method):
 
         with safe_open(str(saved), "pt") as fh:
             assert any("classifier" in k for k in fh.keys())
+        if method == "astra":  # the plain-LoRA conversion carries the trained head too
+            with safe_open(str(tmp_path / method / "adapter_lora" / "adapter_model.safetensors"), "pt") as fh:
+                assert any("classifier" in k for k in fh.keys())
+    # the fine-tuned model is rebuilt from what was saved, for every kind of run (a LoRA run keeps adapter_init
+    # for restarts, yet its adapter needs no residual base)
+    from astra_peft.evaluation import analyze_run
+
+    before, after = analyze_run(tmp_path / method, samples=8, progress=False)
+    assert before and before.keys() == after.keys()
 
 
 @pytest.mark.parametrize("method", ["eva", "corda", "corda:corda_method=kpm", "lora-ga", "rslora", "milora",
