@@ -56,7 +56,7 @@ def _smallest_vs_largest(runs: list[dict], split: str) -> str:
     generation rows accuracy moves in steps of 1 point and is noisy, the loss on the gold answer is not."""
     final = {(r["method"], r["task"], r["seed"]): r["final"][split] for r in runs
              if r.get("final", {}).get(split, {}).get("accuracy") is not None}
-    rows, acc_wins, loss_wins = [], 0, 0
+    rows, acc_wins, acc_ties, loss_wins = [], 0, 0, 0
     for (method, task, seed), a in sorted(final.items()):
         if not method.startswith("astra") or "eigen_selection" in method:
             continue
@@ -64,13 +64,15 @@ def _smallest_vs_largest(runs: list[dict], split: str) -> str:
         if (twin, task, seed) in final:
             b = final[(twin, task, seed)]
             acc_wins += a["accuracy"] > b["accuracy"]
+            acc_ties += a["accuracy"] == b["accuracy"]
             loss_wins += a["loss"] < b["loss"]
             rows.append(f"| {method} | {task} | {seed} | {100 * a['accuracy']:.2f} | {100 * b['accuracy']:.2f} | "
                         f"{100 * (a['accuracy'] - b['accuracy']):+.2f} | {a['loss']:.4f} | {b['loss']:.4f} |")
     if not rows:
         return ""
     head = ("Astra, smallest vs largest eigenvalues, paired by task and seed (smallest ahead in accuracy in "
-            f"{acc_wins} of {len(rows)} pairs, lower held-out loss in {loss_wins} of {len(rows)}):\n\n"
+            f"{acc_wins} of {len(rows)} pairs, tied in {acc_ties}; lower held-out loss in {loss_wins} of "
+            f"{len(rows)}):\n\n"
             "| spec (smallest) | task | seed | acc. smallest | acc. largest | difference | loss smallest | "
             "loss largest |\n|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows) + "\n"
