@@ -134,7 +134,12 @@ def main():
         f"Settings: NLU {run_study.NLU}; NLG {run_study.NLG}. Adapter learning-rate grid "
         f"{run_study.ADAPTER_LRS}, full fine-tuning {run_study.FULL_LRS}, tuned on dev, seed 0.\n",
     ]
-    for name, phase in run_study.phases().items():
+    table = run_study.phases()
+
+    def folder_wall(folder: str) -> float:
+        return sum(seconds for name, seconds in walls.items() if name in table and table[name].folder == folder)
+
+    for name, phase in table.items():
         if not phase.table:
             parts.append(f"## {name}\n\nOrders runs of `{phase.folder}` (its table shows them):\n")
             parts.append("```bash\n" + "\n".join(_commands(name)) + "\n```\n")
@@ -148,7 +153,8 @@ def main():
         run_seconds = sum(sum(r["seconds"].values()) for r in runs)
         parts.append(
             f"{len(runs)} finished runs; their own wall time {run_seconds / 60:.1f} min "
-            f"(driver wall time {walls.get(name, 0) / 60:.1f} min). Split: {SPLIT.get(name, 'test')}.\n"
+            f"(driver wall time of the phases writing `{phase.folder}`: {folder_wall(phase.folder) / 60:.1f} min). "
+            f"Split: {SPLIT.get(name, 'test')}.\n"
         )
         order = run_study.phase_methods(phase)
         if SPLIT.get(name, "test") == "test":
