@@ -86,6 +86,14 @@ def _smallest_vs_largest(runs: list[dict], split: str) -> str:
     return "\n".join(parts)
 
 
+def _complete_tasks(runs: list[dict], order) -> list[str]:
+    """Tasks on which every adapter method of the table has a run for every seed any method has."""
+    methods = [m for m in (order or {r["method"] for r in runs}) if not run_study.is_full(m)]
+    seeds = {r["seed"] for r in runs}
+    done = {(r["method"], r["task"], r["seed"]) for r in runs}
+    return sorted(t for t in {r["task"] for r in runs} if all((m, t, s) in done for m in methods for s in seeds))
+
+
 def _references(folder: str) -> str:
     """What the same test rows give without fine-tuning (study/references.py), beside the table it anchors."""
     path = run_study.RUNS / "references.json"
@@ -160,6 +168,12 @@ def main():
         if SPLIT.get(name, "test") == "test":
             parts.append(_references(phase.folder))
         parts.append(markdown_table(runs, SPLIT.get(name, "test"), methods=order) + "\n")
+        complete = _complete_tasks(runs, order)
+        if name.endswith("-main") and complete and len(complete) < len({r["task"] for r in runs}):
+            parts.append(f"The same, restricted to the tasks every adapter method has finished on every seed "
+                         f"({', '.join(complete)}), so the Average column compares like with like:\n")
+            parts.append(markdown_table([r for r in runs if r["task"] in complete], SPLIT.get(name, "test"),
+                                        methods=order) + "\n")
         if phase.folder.startswith("nlg"):
             parts.append("Held-out loss per answer token on the same rows (lower is better):\n")
             parts.append(markdown_table(runs, SPLIT.get(name, "test"), methods=order, metric="loss") + "\n")
