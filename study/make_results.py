@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shlex
 import sys
@@ -54,6 +55,12 @@ def _without_lr(spec: str) -> str:
     return ":".join(part for part in spec.split(":") if not part.startswith("lr="))
 
 
+def _sign_test(wins: int, n: int) -> float:
+    """Two-sided sign test: the chance of a split at least this uneven if either side were as likely to win."""
+    extreme = max(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(extreme, n + 1)) / 2 ** n)
+
+
 def _smallest_vs_largest(runs: list[dict], split: str) -> str:
     """Per task and seed, Astra's smallest-eigenvalue run against each `largest` twin (same options otherwise, at
     the shared or at its own learning rate): the paired comparison behind the recommended eigen_selection.
@@ -81,7 +88,8 @@ def _smallest_vs_largest(runs: list[dict], split: str) -> str:
                 for task, seed, a, b in pairs]
         parts.append(f"`{method}` (smallest) vs `{twin}`, paired by task and seed: smallest ahead in accuracy in "
                      f"{acc_wins} of {len(pairs)} pairs, tied in {acc_ties}; lower held-out loss in {loss_wins} of "
-                     f"{len(pairs)}.\n\n| task | seed | acc. smallest | acc. largest | difference | loss smallest | "
+                     f"{len(pairs)} (two-sided sign test p = {_sign_test(loss_wins, len(pairs)):.3f})."
+                     "\n\n| task | seed | acc. smallest | acc. largest | difference | loss smallest | "
                      "loss largest |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     return "\n".join(parts)
 
