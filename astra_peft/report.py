@@ -41,10 +41,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def _cell(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
     """mean ± std over seeds; a single seed shows its value alone (a "± 0.00" would read as a measured spread)."""
-    mean, std = _mean_std(values)
-    if math.isnan(mean):
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present:
         return "–"
-    if sum(v is not None and not math.isnan(v) for v in values) == 1:
+    mean, std = _mean_std(present)
+    if len(present) == 1:
         return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 

@@ -72,7 +72,7 @@ def tuned_lr(phase: str, family_methods: list[str], grid: list[str]) -> str:
 
 
 def lr_specs(methods: list[str], adapter_lr: str, full_lr: Optional[str]) -> str:
-    return ",".join(f"{m}:lr={full_lr if m.split(':')[0] == 'full' else adapter_lr}" for m in methods)
+    return ",".join(f"{m}:lr={full_lr if is_full(m) else adapter_lr}" for m in methods)
 
 
 def is_full(spec: str) -> bool:
@@ -104,7 +104,7 @@ def phases() -> dict[str, Phase]:
     def specs(methods, tune, strict=True):
         """Methods with their tuned learning rates. Adapter specs need only the adapter tuning; with
         strict=False, full fine-tuning is left out (rather than refused) while its tuning is unfinished."""
-        adapter = tuned_lr(tune, ["lora", "astra"], ADAPTER_LRS)
+        adapter, full = tuned_lr(tune, ["lora", "astra"], ADAPTER_LRS), None
         if any(is_full(m) for m in methods):
             try:
                 full = tuned_lr(tune, ["full"], FULL_LRS)
@@ -112,8 +112,7 @@ def phases() -> dict[str, Phase]:
                 if strict:
                     raise
                 methods = [m for m in methods if not is_full(m)]
-                full = None
-        return lr_specs(methods, adapter, full if any(is_full(m) for m in methods) else None).split(",")
+        return lr_specs(methods, adapter, full).split(",")
 
     def compare(cfg, tasks, methods, seeds, out):
         return ASTRA + ["compare", "--tasks", ",".join(tasks), "--methods", ",".join(methods), "--seeds", seeds,
