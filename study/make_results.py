@@ -51,10 +51,6 @@ def _wall_times() -> dict[str, float]:
     return totals
 
 
-def _without_lr(spec: str) -> str:
-    return ":".join(part for part in spec.split(":") if not part.startswith("lr="))
-
-
 def _sign_test(wins: int, n: int) -> float:
     """Two-sided sign test: the chance of a split at least this uneven if either side were as likely to win."""
     extreme = max(wins, n - wins)
@@ -70,12 +66,12 @@ def _smallest_vs_largest(runs: list[dict], split: str) -> str:
     twins = defaultdict(list)
     for method, task, seed in final:
         if "eigen_selection=largest" in method:
-            twins[(_without_lr(method), task, seed)].append(method)
+            twins[(run_study.without_lr(method), task, seed)].append(method)
     groups = defaultdict(list)  # one paired table per (smallest spec, largest spec)
     for (method, task, seed), a in sorted(final.items()):
         if not method.startswith("astra") or "eigen_selection" in method:
             continue
-        key = _without_lr(method).replace("astra", "astra:eigen_selection=largest", 1)
+        key = run_study.without_lr(method).replace("astra", "astra:eigen_selection=largest", 1)
         for twin in sorted(twins.get((key, task, seed), [])):
             groups[(method, twin)].append((task, seed, a, final[(twin, task, seed)]))
     parts = []
@@ -160,6 +156,7 @@ def main():
             parts.append(f"## {name}\n\nOrders runs of `{phase.folder}` (its table shows them):\n")
             parts.append("```bash\n" + "\n".join(_commands(name)) + "\n```\n")
             continue
+        split = SPLIT.get(name, "test")
         runs = run_study.phase_runs(phase) if (run_study.RUNS / phase.folder).exists() else []
         parts.append(f"## {name}\n")
         parts.append("```bash\n" + "\n".join(_commands(name)) + "\n```\n")
@@ -170,28 +167,28 @@ def main():
         parts.append(
             f"{len(runs)} finished runs; their own wall time {run_seconds / 60:.1f} min "
             f"(driver wall time of the phases writing `{phase.folder}`: {folder_wall(phase.folder) / 60:.1f} min). "
-            f"Split: {SPLIT.get(name, 'test')}.\n"
+            f"Split: {split}.\n"
         )
         order = run_study.phase_methods(phase)
-        if SPLIT.get(name, "test") == "test":
+        if split == "test":
             parts.append(_references(phase.folder))
-        parts.append(markdown_table(runs, SPLIT.get(name, "test"), methods=order) + "\n")
+        parts.append(markdown_table(runs, split, methods=order) + "\n")
         complete = _complete_tasks(runs, order)
         if name.endswith("-main") and complete and len(complete) < len({r["task"] for r in runs}):
             parts.append(f"The same, restricted to the tasks every adapter method has finished on every seed "
                          f"({', '.join(complete)}), so the Average column compares like with like:\n")
-            parts.append(markdown_table([r for r in runs if r["task"] in complete], SPLIT.get(name, "test"),
+            parts.append(markdown_table([r for r in runs if r["task"] in complete], split,
                                         methods=order) + "\n")
         if phase.folder.startswith("nlg"):
             parts.append("Held-out loss per answer token on the same rows (lower is better):\n")
-            parts.append(markdown_table(runs, SPLIT.get(name, "test"), methods=order, metric="loss") + "\n")
+            parts.append(markdown_table(runs, split, methods=order, metric="loss") + "\n")
         shown = order or sorted({r["method"] for r in runs})
         if name.endswith("-main"):
             shown = [m for m in shown if m.split(":")[0] in MAIN_PLOT]
         FIGURES.mkdir(exist_ok=True)
         plot_curves([r for r in runs if r["method"] in shown], "loss", FIGURES / f"{name}_loss.png", methods=shown)
         parts.append(f"Training loss, mean over seeds (shaded: min to max):\n\n![{name}](figures/{name}_loss.png)\n")
-        paired = _smallest_vs_largest(runs, SPLIT.get(name, "test"))
+        paired = _smallest_vs_largest(runs, split)
         if paired:
             parts.append(paired)
         if name == "effective-rank":

@@ -61,18 +61,22 @@ def tuned_lr(phase: str, family_methods: list[str], grid: list[str]) -> str:
     scores: dict[str, list[float]] = {lr: [] for lr in grid}
     for summary in (RUNS / phase).rglob("summary.json"):
         s = json.loads(summary.read_text())
-        base, lr = s.get("method", "").split(":lr=")[0], s.get("lr")
+        base, lr = without_lr(s.get("method", "")), s.get("lr")
         spec_lr = next((g for g in grid if float(g) == float(lr)), None)
         if base in family_methods and spec_lr is not None:
             scores[spec_lr].append(s["final"]["dev"][metric])
     done = {lr: sum(v) / len(v) for lr, v in scores.items() if v}
     if len(done) < len(grid):
-        raise SystemExit(f"Phase '{phase}' has not finished: run it first (missing {set(grid) - set(done)}).")
+        raise SystemExit(f"Phase '{phase}' has not finished: run it first (missing {sorted(set(grid) - set(done))}).")
     return (max if metric == "accuracy" else min)(done, key=done.get)
 
 
 def lr_specs(methods: list[str], adapter_lr: str, full_lr: Optional[str]) -> str:
     return ",".join(f"{m}:lr={full_lr if is_full(m) else adapter_lr}" for m in methods)
+
+
+def without_lr(spec: str) -> str:
+    return ":".join(part for part in spec.split(":") if not part.startswith("lr="))
 
 
 def is_full(spec: str) -> bool:
