@@ -37,7 +37,11 @@ NLU_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "rslora", "dora
                "corda", "lora-ga", "eva", "full"]
 NLG_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "pissa", "milora", "corda", "lora-ga", "full"]
 NLG_PAIRS = NLG_METHODS[:3]
-TUNE_METRIC = {"nlu-lr": "accuracy", "nlg-lr": "loss", "nlg-lr-largest": "loss"}
+TUNE_METRIC = {"nlu-lr": "accuracy", "nlg-lr": "loss", "nlg-lr-largest": "loss", "nlg-lr-baselines": "loss"}
+# On SmolLM2, `largest` needed a rate 20x below LoRA's: a method that starts in W's principal directions (PiSSA) or
+# rescales its factors (CorDA, LoRA-GA) is its own family there and gets its own tuned rate. MiLoRA starts in the
+# minor singular directions, as Astra-smallest does in the tail, and shares LoRA's and Astra's rate.
+OWN_FAMILY_NLG = ["pissa", "corda", "lora-ga"]
 ABLATION_TASK = "strategyqa"  # the NLG task of every ablation (and of NLG learning-rate tuning)
 SEEDS = "0,1,2"
 EFFECTIVE_RANK = [(NLU, "mr", "nlu-lr"), (NLG, "social-iqa", "nlg-lr")]  # one task of each kind
@@ -105,31 +109,40 @@ def phases() -> dict[str, Phase]:
         yield ASTRA + ["compare", "--task", task, "--methods", ",".join(grid), "--seeds", "0",
                        "--eval-split", "dev", "--output", str(RUNS / out)] + common(cfg)
 
-    def specs(methods, tune, strict=True):
-        """Methods with their tuned learning rates. Adapter specs need only the adapter tuning; with
-        strict=False, full fine-tuning is left out (rather than refused) while its tuning is unfinished."""
-        adapter, full = tuned_lr(tune, ["lora", "astra"], ADAPTER_LRS), None
-        if any(is_full(m) for m in methods):
+    def specs(methods, tune, strict=True, own=()):
+        """Methods with their tuned learning rates: adapters LoRA's and Astra's, full fine-tuning its own, and
+        each method of `own` its own from nlg-lr-baselines. With strict=False, a method whose tuning is
+        unfinished is left out (rather than refused)."""
+        adapter, out = tuned_lr(tune, ["lora", "astra"], ADAPTER_LRS), []
+        for m in methods:
             try:
-                full = tuned_lr(tune, ["full"], FULL_LRS)
+                if is_full(m):
+                    out.append(f"{m}:lr={tuned_lr(tune, ['full'], FULL_LRS)}")
+                elif m in own:
+                    out.append(f"{m}:lr={tuned_lr('nlg-lr-baselines', [m], ADAPTER_LRS)}")
+                else:
+                    out.append(f"{m}:lr={adapter}")
             except SystemExit:
                 if strict:
                     raise
-                methods = [m for m in methods if not is_full(m)]
-        return lr_specs(methods, adapter, full).split(",")
+        return out
 
     def compare(cfg, tasks, methods, seeds, out):
         return ASTRA + ["compare", "--tasks", ",".join(tasks), "--methods", ",".join(methods), "--seeds", seeds,
                         "--eval-split", "test", "--output", str(RUNS / out)] + common(cfg)
 
-    def main_table(cfg, tasks, methods, tune, out, seed_major=False):
-        """Adapters task by task, full fine-tuning last: adapter columns need only the adapter learning rate,
-        so they run while full fine-tuning's tuning is pending. seed_major runs every method of seed 0 before
-        seed 1, so an interrupted phase leaves complete pairs rather than one method's three seeds."""
+    def main_table(cfg, tasks, methods, tune, out, seed_major=False, own=()):
+        """Adapters first, full fine-tuning last: adapter columns need only the adapter learning rates, so
+        they run while full fine-tuning's tuning is pending. seed_major runs every method on every task at
+        seed 0 before seed 1, so an interrupted phase leaves every column at the same seeds."""
         adapters = [m for m in methods if not is_full(m)]
-        for task in tasks:
-            for seeds in (SEEDS.split(",") if seed_major else [SEEDS]):
-                yield compare(cfg, [task], specs(adapters, tune), seeds, out)
+        if seed_major:
+            for seed in SEEDS.split(","):
+                for task in tasks:
+                    yield compare(cfg, [task], specs(adapters, tune, own=own), seed, out)
+        else:
+            for task in tasks:
+                yield compare(cfg, [task], specs(adapters, tune, own=own), SEEDS, out)
         if any(is_full(m) for m in methods):
             yield compare(cfg, tasks, specs([m for m in methods if is_full(m)], tune), SEEDS, out)
 
@@ -179,8 +192,13 @@ def phases() -> dict[str, Phase]:
         "nlg-largest-own-lr": Phase(lambda: (compare(NLG, [task], [largest_own_lr()], seed, "nlg-main")
                                              for task in NLG_TASKS for seed in SEEDS.split(",")),
                                     "nlg-main", table=False),
-        "nlg-main": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_METHODS, "nlg-lr", "nlg-main"), "nlg-main",
-                          methods=lambda: specs(NLG_METHODS, "nlg-lr", strict=False) + optional(largest_own_lr)),
+        # PiSSA, CorDA and LoRA-GA tuned each on its own (OWN_FAMILY_NLG), same grid, dev, seed 0
+        "nlg-lr-baselines": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr-baselines",
+                                                 families=tuple((m,) for m in OWN_FAMILY_NLG)), "nlg-lr-baselines"),
+        "nlg-main": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_METHODS, "nlg-lr", "nlg-main", seed_major=True,
+                                             own=OWN_FAMILY_NLG),
+                          "nlg-main", methods=lambda: specs(NLG_METHODS, "nlg-lr", strict=False, own=OWN_FAMILY_NLG)
+                          + optional(largest_own_lr)),
         "ablation-eigen": ablation(["astra", largest] + [f"astra:eigen_selection={s}" for s in
                                                          ("middle", "lower_quartile", "upper_quartile", "random")]),
         # α = r keeps the NLG scaling α/r = 1 at every rank; LoRA at r = 128 is Figure 1's reference.
@@ -231,11 +249,15 @@ def phase_runs(phase: Phase) -> list[dict]:
 
 
 def main(argv=None):
+    global SEEDS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phases", nargs="*", help="phases to run, in order ('all' for every phase)")
     p.add_argument("--list", action="store_true", help="show phases and progress")
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    p.add_argument("--seeds", default=SEEDS, help="seeds of the main tables and ablations (e.g. '0' to give "
+                   "every configuration one seed before any gets three)")
     args = p.parse_args(argv)
+    SEEDS = args.seeds
     os.chdir(ROOT)
     table = phases()
     if args.list or not args.phases:
