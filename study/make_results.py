@@ -57,10 +57,11 @@ def _sign_test(wins: int, n: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, k) for k in range(extreme, n + 1)) / 2 ** n)
 
 
-def _smallest_vs_largest(runs: list[dict], split: str) -> str:
+def _smallest_vs_largest(runs: list[dict], split: str, printed: set) -> str:
     """Per task and seed, Astra's smallest-eigenvalue run against each `largest` twin (same options otherwise, at
     the shared or at its own learning rate): the paired comparison behind the recommended eigen_selection.
-    Held-out loss beside accuracy: on 100 generation rows accuracy is noisy, the loss on the gold answer is not."""
+    Held-out loss beside accuracy: on 100 generation rows accuracy is noisy, the loss on the gold answer is not.
+    A pair of specs already in `printed` (an earlier table's, on more tasks) is not repeated."""
     final = {(r["method"], r["task"], r["seed"]): r["final"][split] for r in runs
              if r.get("final", {}).get(split, {}).get("accuracy") is not None}
     twins = defaultdict(list)
@@ -76,6 +77,9 @@ def _smallest_vs_largest(runs: list[dict], split: str) -> str:
             groups[(method, twin)].append((task, seed, a, final[(twin, task, seed)]))
     parts = []
     for (method, twin), pairs in groups.items():
+        if (method, twin) in printed:
+            continue
+        printed.add((method, twin))
         acc_wins = sum(a["accuracy"] > b["accuracy"] for _, _, a, b in pairs)
         acc_ties = sum(a["accuracy"] == b["accuracy"] for _, _, a, b in pairs)
         loss_wins = sum(a["loss"] < b["loss"] for _, _, a, b in pairs)
@@ -147,6 +151,7 @@ def main():
         f"{run_study.ADAPTER_LRS}, full fine-tuning {run_study.FULL_LRS}, tuned on dev, seed 0.\n",
     ]
     table = run_study.phases()
+    printed_pairs: set = set()
 
     def folder_wall(folder: str) -> float:
         return sum(seconds for name, seconds in walls.items() if name in table and table[name].folder == folder)
@@ -188,7 +193,7 @@ def main():
         FIGURES.mkdir(exist_ok=True)
         plot_curves([r for r in runs if r["method"] in shown], "loss", FIGURES / f"{name}_loss.png", methods=shown)
         parts.append(f"Training loss, mean over seeds (shaded: min to max):\n\n![{name}](figures/{name}_loss.png)\n")
-        paired = _smallest_vs_largest(runs, split)
+        paired = _smallest_vs_largest(runs, split, printed_pairs)
         if paired:
             parts.append(paired)
         if name == "effective-rank":
