@@ -102,11 +102,11 @@ def _complete_tasks(runs: list[dict], order) -> list[str]:
     return sorted(t for t in {r["task"] for r in runs} if all((m, t, s) in done for m in methods for s in seeds))
 
 
-def _common_seeds(runs: list[dict]) -> set:
-    """The seeds on which every configuration of an ablation (all on one task) has a finished run."""
+def _common_cells(runs: list[dict]) -> set:
+    """The (task, seed) cells in which every configuration of the table has a finished run."""
     by_method = defaultdict(set)
     for r in runs:
-        by_method[r["method"]].add(r["seed"])
+        by_method[r["method"]].add((r["task"], r["seed"]))
     return set.intersection(*by_method.values()) if by_method else set()
 
 
@@ -195,11 +195,13 @@ def main():
         if phase.folder.startswith("nlg"):
             parts.append("Held-out loss per answer token on the same rows (lower is better):\n")
             parts.append(markdown_table(runs, split, methods=order, metric="loss") + "\n")
-        common = _common_seeds(runs)
-        if name.startswith("ablation") and common and common < {r["seed"] for r in runs}:
-            same = [r for r in runs if r["seed"] in common]
-            parts.append(f"The same on the seeds every configuration has finished ({', '.join(map(str, sorted(common)))}),"
-                         " so rows compare like with like; accuracy, then held-out loss:\n")
+        common = _common_cells(runs)
+        if phase.folder.startswith("nlg") and common and common < {(r["task"], r["seed"]) for r in runs}:
+            same = [r for r in runs if (r["task"], r["seed"]) in common]
+            cells = ", ".join(f"{t} {','.join(str(s) for u, s in sorted(common) if u == t)}"
+                              for t in sorted({t for t, _ in common}))
+            parts.append(f"The same on the task and seed cells every configuration has finished (seeds: {cells}), "
+                         "so rows compare like with like; accuracy, then held-out loss:\n")
             parts.append(markdown_table(same, split, methods=order) + "\n")
             parts.append(markdown_table(same, split, methods=order, metric="loss") + "\n")
         shown = order or sorted({r["method"] for r in runs})
