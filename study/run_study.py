@@ -75,10 +75,6 @@ def tuned_lr(phase: str, family_methods: list[str], grid: list[str]) -> str:
     return (max if metric == "accuracy" else min)(done, key=done.get)
 
 
-def lr_specs(methods: list[str], adapter_lr: str, full_lr: Optional[str]) -> str:
-    return ",".join(f"{m}:lr={full_lr if is_full(m) else adapter_lr}" for m in methods)
-
-
 def without_lr(spec: str) -> str:
     return ":".join(part for part in spec.split(":") if not part.startswith("lr="))
 
