@@ -94,19 +94,14 @@ def _smallest_vs_largest(runs: list[dict], split: str, printed: set) -> str:
     return "\n".join(parts)
 
 
-def _complete_tasks(runs: list[dict], order) -> list[str]:
-    """Tasks on which every adapter method of the table has a run for every seed any method has."""
-    methods = [m for m in (order or {r["method"] for r in runs}) if not run_study.is_full(m)]
-    seeds = {r["seed"] for r in runs}
-    done = {(r["method"], r["task"], r["seed"]) for r in runs}
-    return sorted(t for t in {r["task"] for r in runs} if all((m, t, s) in done for m in methods for s in seeds))
-
-
 def _common_cells(runs: list[dict]) -> set:
-    """The (task, seed) cells in which every configuration of the table has a finished run."""
+    """The (task, seed) cells in which every adapter configuration of the table has a finished run. Full
+    fine-tuning stays out of the intersection: it runs last, and its partial coverage would shrink every
+    adapter's comparison; the like-with-like table shows it only where it has every cell."""
     by_method = defaultdict(set)
     for r in runs:
-        by_method[r["method"]].add((r["task"], r["seed"]))
+        if not run_study.is_full(r["method"]):
+            by_method[r["method"]].add((r["task"], r["seed"]))
     return set.intersection(*by_method.values()) if by_method else set()
 
 
@@ -186,24 +181,26 @@ def main():
         if split == "test":
             parts.append(_references(phase.folder))
         parts.append(markdown_table(runs, split, methods=order) + "\n")
-        complete = _complete_tasks(runs, order)
-        if name.endswith("-main") and complete and len(complete) < len({r["task"] for r in runs}):
-            parts.append(f"The same, restricted to the tasks every adapter method has finished on every seed "
-                         f"({', '.join(complete)}), so the Average column compares like with like:\n")
-            parts.append(markdown_table([r for r in runs if r["task"] in complete], split,
-                                        methods=order) + "\n")
         if phase.folder.startswith("nlg"):
             parts.append("Held-out loss per answer token on the same rows (lower is better):\n")
             parts.append(markdown_table(runs, split, methods=order, metric="loss") + "\n")
         common = _common_cells(runs)
-        if phase.folder.startswith("nlg") and common and common < {(r["task"], r["seed"]) for r in runs}:
+        if common and common < {(r["task"], r["seed"]) for r in runs}:
             same = [r for r in runs if (r["task"], r["seed"]) in common]
+            have = defaultdict(set)
+            for r in same:
+                have[r["method"]].add((r["task"], r["seed"]))
+            missing = sorted(m for m in {r["method"] for r in runs} if have[m] != common)
+            same = [r for r in same if r["method"] not in missing]
             cells = ", ".join(f"{t} {','.join(str(s) for u, s in sorted(common) if u == t)}"
                               for t in sorted({t for t, _ in common}))
-            parts.append(f"The same on the task and seed cells every configuration has finished (seeds: {cells}), "
-                         "so rows compare like with like; accuracy, then held-out loss:\n")
+            parts.append(f"The same on the task and seed cells every adapter configuration has finished (seeds: "
+                         f"{cells}), so rows compare like with like"
+                         + (f"; left out for missing some of them: {', '.join(missing)}" if missing else "")
+                         + (". Accuracy, then held-out loss:\n" if phase.folder.startswith("nlg") else ":\n"))
             parts.append(markdown_table(same, split, methods=order) + "\n")
-            parts.append(markdown_table(same, split, methods=order, metric="loss") + "\n")
+            if phase.folder.startswith("nlg"):
+                parts.append(markdown_table(same, split, methods=order, metric="loss") + "\n")
         shown = order or sorted({r["method"] for r in runs})
         if name.endswith("-main"):
             shown = [m for m in shown if m.split(":")[0] in MAIN_PLOT]
