@@ -168,27 +168,46 @@ class _Factored:
     def __init__(self, f: torch.Tensor, g: torch.Tensor):
         device = f.device if f.is_cuda else "cpu"
         f, g = (t.to(device=device, dtype=torch.float64) for t in (f, g))
-        self.q, r = torch.linalg.qr(f)
+        # Q stays implicit (Householder reflectors, applied by ormqr): forming it would double the QR's cost,
+        # and only a few of its products are ever needed.
+        self.reflectors, self.tau = torch.geqrf(f)
+        p = f.shape[1]
+        r = self.reflectors[:p].triu()
         self.small = _Dense(_symmetrised(r @ g @ r.T))
-        self.structural = f.shape[0] - f.shape[1]
+        self.structural = f.shape[0] - p
         lam = self.small.values
         values = torch.cat([torch.zeros(self.structural, dtype=lam.dtype, device=lam.device), lam])
         self.values, order = torch.sort(values, stable=True)
         self.source = (order - self.structural).cpu().numpy()  # index into the small spectrum, < 0: structural
 
+    def _q(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Q·x for p-row x (the thin Q), or Qᵀ·x with the d − p rows of the full Q's complement kept."""
+        if not transpose:
+            x = torch.cat([x, x.new_zeros(self.structural, x.shape[1])])
+        return torch.ormqr(self.reflectors, self.tau, x, left=True, transpose=transpose)
+
     def vectors(self, idx: np.ndarray) -> torch.Tensor:
         cols = self.source[idx]  # ascending, as idx is: the sort above keeps the small spectrum's order
         if (cols < 0).any():
             raise AssertionError("structural zeros are degenerate and never selected as regular directions")
-        return self.q @ self.small.vectors(cols)
+        return self._q(self.small.vectors(cols))
 
     def projector(self, k: int):
         # The k degenerate directions are the structural zeros plus the small spectrum's first m eigenvalues; the
         # rest span range(F) = range(Q) when m = 0, which needs no eigenvector at all (the usual case: gate/up).
         m = k - self.structural
         if m == 0:
-            return _complement_projector(self.q)
-        return _complement_projector(self.q @ full_eigenvectors(self.small.matrix)[:, m:])
+            p = self.reflectors.shape[1]
+
+            def columns(cols):  # (I − QQᵀ)·E = H·diag(0_p, I)·Hᵀ·E with H the full reflector product
+                e = self.reflectors.new_zeros(self.reflectors.shape[0], len(cols))
+                e[torch.as_tensor(cols, device=e.device), torch.arange(len(cols), device=e.device)] = 1
+                z = self._q(e, transpose=True)
+                z[:p] = 0
+                return torch.ormqr(self.reflectors, self.tau, z, left=True, transpose=False)
+
+            return columns
+        return _complement_projector(self._q(full_eigenvectors(self.small.matrix)[:, m:]))
 
 
 def _symmetrised(m: torch.Tensor) -> torch.Tensor:
@@ -266,25 +285,26 @@ def _null_space_basis(project, d: int, k: int, m: int) -> torch.Tensor:
     projector P onto the space is not. Gram–Schmidt on P's columns e_0, e_1, … in order (`project(cols)`
     gives P[:, cols]), skipping columns that add little, gives a basis that depends only on P.
     """
-    chosen: list[torch.Tensor] = []
+    basis = None  # d × n, the directions chosen so far
     start = 0
-    while len(chosen) < m and start < d:
+    while (0 if basis is None else basis.shape[1]) < m and start < d:
         cols = list(range(start, min(d, start + 8 * m)))
         block = project(cols)
         for j in range(block.shape[1]):
             v = block[:, j]
-            for _ in range(2):  # twice is enough (Kahan–Parlett)
-                for c in chosen:
-                    v = v - (c @ v) * c
+            if basis is not None:
+                for _ in range(2):  # classical Gram–Schmidt twice is enough (Kahan–Parlett)
+                    v = v - basis @ (basis.T @ v)
             norm = v.norm()
             if norm > 0.5 * (k / d) ** 0.5:  # P e_j has squared norm k/d on average
-                chosen.append(v / norm)
-                if len(chosen) == m:
+                v = (v / norm)[:, None]
+                basis = v if basis is None else torch.cat([basis, v], dim=1)
+                if basis.shape[1] == m:
                     break
         start += len(cols)
-    if len(chosen) < m:
+    if basis is None or basis.shape[1] < m:
         raise RuntimeError(f"Could not build {m} null-space directions from a {k}-dimensional eigenspace.")
-    return torch.stack(chosen, dim=1)
+    return basis
 
 
 def _canonical_signs(q: torch.Tensor) -> torch.Tensor:
