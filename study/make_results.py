@@ -29,7 +29,7 @@ FIGURES = OUT.parent / "figures"
 # the main tables' loss plots show these method families only (a dozen curves per panel would be unreadable)
 MAIN_PLOT = ("astra", "lora", "pissa", "full")
 # the split a phase reports: tuning reads dev only; every other phase reports test
-SPLIT = {"nlu-lr": "dev", "nlg-lr": "dev", "nlg-lr-largest": "dev", "nlg-lr-baselines": "dev"}
+SPLIT = {"nlu-lr": "dev", "nlu-lr-largest": "dev", "nlg-lr": "dev", "nlg-lr-largest": "dev", "nlg-lr-baselines": "dev"}
 
 
 def _commands(name: str) -> list[str]:

@@ -37,7 +37,8 @@ NLU_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "rslora", "dora
                "corda", "lora-ga", "eva", "full"]
 NLG_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "pissa", "milora", "corda", "lora-ga", "full"]
 NLG_PAIRS = NLG_METHODS[:3]
-TUNE_METRIC = {"nlu-lr": "accuracy", "nlg-lr": "loss", "nlg-lr-largest": "loss", "nlg-lr-baselines": "loss"}
+TUNE_METRIC = {"nlu-lr": "accuracy", "nlu-lr-largest": "accuracy", "nlg-lr": "loss", "nlg-lr-largest": "loss",
+               "nlg-lr-baselines": "loss"}
 # On SmolLM2, `largest` needed a rate 20x below LoRA's: a method that starts in W's principal directions (PiSSA) or
 # rescales its factors (CorDA, LoRA-GA) is its own family there and gets its own tuned rate. MiLoRA starts in the
 # minor singular directions, as Astra-smallest does in the tail, and shares LoRA's and Astra's rate.
@@ -155,14 +156,15 @@ def phases() -> dict[str, Phase]:
                 yield ASTRA + ["analyze", str(out / "runs" / task / slug / "seed0"), "--split", "test",
                                "--samples", "128"]
 
-    def largest_own_lr():
-        return f"{largest}:lr={tuned_lr('nlg-lr-largest', [largest], ADAPTER_LRS)}"
+    def largest_own_lr(tune="nlg-lr-largest"):
+        return f"{largest}:lr={tuned_lr(tune, [largest], ADAPTER_LRS)}"
 
-    def optional(spec):
+    def optional(spec, present=()):
         try:
-            return [spec()]
+            found = spec()
         except SystemExit:
             return []
+        return [] if found in present else [found]  # own rate = shared rate: the runs are already there
 
     def ablation(methods, tasks=(ABLATION_TASK,)):
         return Phase(
@@ -174,7 +176,16 @@ def phases() -> dict[str, Phase]:
     return {
         "nlu-lr": Phase(lambda: tuning(NLU, "mr", "nlu-lr"), "nlu-lr"),
         "nlu-main": Phase(lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main", seed_major=True),
-                          "nlu-main", methods=lambda: specs(NLU_METHODS, "nlu-lr", strict=False)),
+                          "nlu-main", methods=lambda: (lambda shared: shared + optional(
+                              lambda: largest_own_lr("nlu-lr-largest"), shared))(
+                              specs(NLU_METHODS, "nlu-lr", strict=False))),
+        # `largest` alone on the MiniLM grid, as nlg-lr-largest does on SmolLM2, and then on every NLU task and
+        # seed at its own rate (when that differs from the shared one, which nlu-main already ran)
+        "nlu-lr-largest": Phase(lambda: tuning(NLU, "mr", "nlu-lr-largest", families=((largest,),)),
+                                "nlu-lr-largest"),
+        "nlu-largest-own-lr": Phase(lambda: (compare(NLU, [task], [largest_own_lr("nlu-lr-largest")], seed, "nlu-main")
+                                             for seed in SEEDS.split(",") for task in NLU_TASKS),
+                                    "nlu-main", table=False),
         "nlg-lr": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr"), "nlg-lr"),
         # A check on the shared adapter rate: `largest` starts in W's principal output directions (like PiSSA),
         # where 2e-3 may be too large. Its own folder, so it never moves the family's tuned rate.
