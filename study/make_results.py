@@ -94,6 +94,36 @@ def _smallest_vs_largest(runs: list[dict], split: str, printed: set) -> str:
     return "\n".join(parts)
 
 
+def _paired_with_default(runs: list[dict], split: str, order) -> str:
+    """Astra's defaults against every other configuration of the table, on the (task, seed) cells both have:
+    seeds share the data order, so a paired count says more than overlapping mean ± std."""
+    final = {(r["method"], r["task"], r["seed"]): r["final"][split] for r in runs
+             if r.get("final", {}).get(split, {}).get("accuracy") is not None}
+    methods = order or sorted({m for m, _, _ in final})
+    default = next((m for m in methods if run_study.without_lr(m) == "astra"), None)
+    if default is None:
+        return ""
+    rows = []
+    for other in methods:
+        cells = [(t, s) for m, t, s in final if m == default and (other, t, s) in final]
+        if other == default or not cells:
+            continue
+        a = [final[(default, t, s)] for t, s in cells]
+        b = [final[(other, t, s)] for t, s in cells]
+        lower = sum(x["loss"] < y["loss"] for x, y in zip(a, b))
+        higher = sum(x["accuracy"] > y["accuracy"] for x, y in zip(a, b))
+        diff = sum(y["loss"] - x["loss"] for x, y in zip(a, b)) / len(cells)
+        rows.append(f"| {other} | {len(cells)} | {lower} | {_sign_test(lower, len(cells)):.3f} | {diff:+.4f} | "
+                    f"{higher} |")
+    if not rows:
+        return ""
+    return (f"`{default}` against each other configuration, paired by task and seed (cells both have): in how "
+            "many pairs the default has the lower held-out loss (two-sided sign test p), the mean loss difference "
+            "(other − default; positive: the default is better), and in how many pairs its accuracy is higher:\n\n"
+            "| configuration | pairs | default lower loss | p | mean loss difference | default higher acc. |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def _common_cells(runs: list[dict]) -> set:
     """The (task, seed) cells in which every adapter configuration of the table has a finished run. Full
     fine-tuning stays out of the intersection: it runs last, and its partial coverage would shrink every
@@ -207,6 +237,8 @@ def main():
         FIGURES.mkdir(exist_ok=True)
         plot_curves([r for r in runs if r["method"] in shown], "loss", FIGURES / f"{name}_loss.png", methods=shown)
         parts.append(f"Training loss, mean over seeds (shaded: min to max):\n\n![{name}](figures/{name}_loss.png)\n")
+        if split == "test":
+            parts.append(_paired_with_default(runs, split, order))
         paired = _smallest_vs_largest(runs, split, printed_pairs)
         if paired:
             parts.append(paired)
