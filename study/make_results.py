@@ -57,13 +57,18 @@ def _sign_test(wins: int, n: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, k) for k in range(extreme, n + 1)) / 2 ** n)
 
 
+def _finals(runs: list[dict], split: str) -> dict:
+    """(method, task, seed) → that run's final metrics on `split`, for the runs that have them."""
+    return {(r["method"], r["task"], r["seed"]): r["final"][split] for r in runs
+            if r.get("final", {}).get(split, {}).get("accuracy") is not None}
+
+
 def _smallest_vs_largest(runs: list[dict], split: str, printed: set) -> str:
     """Per task and seed, Astra's smallest-eigenvalue run against each `largest` twin (same options otherwise, at
     the shared or at its own learning rate): the paired comparison behind the recommended eigen_selection.
     Held-out loss beside accuracy: on 100 generation rows accuracy is noisy, the loss on the gold answer is not.
     A pair of specs already in `printed` (an earlier table's, on more tasks) is not repeated."""
-    final = {(r["method"], r["task"], r["seed"]): r["final"][split] for r in runs
-             if r.get("final", {}).get(split, {}).get("accuracy") is not None}
+    final = _finals(runs, split)
     twins = defaultdict(list)
     for method, task, seed in final:
         if "eigen_selection=largest" in method:
@@ -97,8 +102,7 @@ def _smallest_vs_largest(runs: list[dict], split: str, printed: set) -> str:
 def _paired_with_default(runs: list[dict], split: str, order) -> str:
     """Astra's defaults against every other configuration of the table, on the (task, seed) cells both have:
     seeds share the data order, so a paired count says more than overlapping mean ± std."""
-    final = {(r["method"], r["task"], r["seed"]): r["final"][split] for r in runs
-             if r.get("final", {}).get(split, {}).get("accuracy") is not None}
+    final = _finals(runs, split)
     methods = order or sorted({m for m, _, _ in final})
     default = next((m for m in methods if run_study.without_lr(m) == "astra"), None)
     if default is None:

@@ -156,15 +156,25 @@ def phases() -> dict[str, Phase]:
                 yield ASTRA + ["analyze", str(out / "runs" / task / slug / "seed0"), "--split", "test",
                                "--samples", "128"]
 
-    def largest_own_lr(tune="nlg-lr-largest"):
+    def largest_own_lr(tune):
         return f"{largest}:lr={tuned_lr(tune, [largest], ADAPTER_LRS)}"
 
-    def optional(spec, present=()):
+    def with_own_largest(shared, tune):
+        """A table's specs plus `largest` at its own rate from `tune`, once that is tuned and unless it is the
+        shared rate (then the table already has those runs)."""
         try:
-            found = spec()
+            own = largest_own_lr(tune)
         except SystemExit:
-            return []
-        return [] if found in present else [found]  # own rate = shared rate: the runs are already there
+            return shared
+        return shared if own in shared else shared + [own]
+
+    def own_largest_runs(cfg, tasks, tune, shared_tune, out):
+        own = largest_own_lr(tune)
+        if own in specs([largest], shared_tune):
+            return  # its own rate is the shared one: the main table has these runs
+        for seed in SEEDS.split(","):
+            for task in tasks:
+                yield compare(cfg, [task], [own], seed, out)
 
     def ablation(methods, tasks=(ABLATION_TASK,)):
         return Phase(
@@ -176,15 +186,13 @@ def phases() -> dict[str, Phase]:
     return {
         "nlu-lr": Phase(lambda: tuning(NLU, "mr", "nlu-lr"), "nlu-lr"),
         "nlu-main": Phase(lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main", seed_major=True),
-                          "nlu-main", methods=lambda: (lambda shared: shared + optional(
-                              lambda: largest_own_lr("nlu-lr-largest"), shared))(
-                              specs(NLU_METHODS, "nlu-lr", strict=False))),
+                          "nlu-main", methods=lambda: with_own_largest(specs(NLU_METHODS, "nlu-lr", strict=False),
+                                                                       "nlu-lr-largest")),
         # `largest` alone on the MiniLM grid, as nlg-lr-largest does on SmolLM2, and then on every NLU task and
         # seed at its own rate (when that differs from the shared one, which nlu-main already ran)
         "nlu-lr-largest": Phase(lambda: tuning(NLU, "mr", "nlu-lr-largest", families=((largest,),)),
                                 "nlu-lr-largest"),
-        "nlu-largest-own-lr": Phase(lambda: (compare(NLU, [task], [largest_own_lr("nlu-lr-largest")], seed, "nlu-main")
-                                             for seed in SEEDS.split(",") for task in NLU_TASKS),
+        "nlu-largest-own-lr": Phase(lambda: own_largest_runs(NLU, NLU_TASKS, "nlu-lr-largest", "nlu-lr", "nlu-main"),
                                     "nlu-main", table=False),
         "nlg-lr": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr"), "nlg-lr"),
         # A check on the shared adapter rate: `largest` starts in W's principal output directions (like PiSSA),
@@ -196,16 +204,15 @@ def phases() -> dict[str, Phase]:
         "nlg-pairs": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_PAIRS, "nlg-lr", "nlg-main", seed_major=True),
                            "nlg-main", table=False),
         # `largest` again at its own tuned rate (nlg-lr-largest), beside the shared-rate runs, every task and seed
-        "nlg-largest-own-lr": Phase(lambda: (compare(NLG, [task], [largest_own_lr()], seed, "nlg-main")
-                                             for task in NLG_TASKS for seed in SEEDS.split(",")),
+        "nlg-largest-own-lr": Phase(lambda: own_largest_runs(NLG, NLG_TASKS, "nlg-lr-largest", "nlg-lr", "nlg-main"),
                                     "nlg-main", table=False),
         # PiSSA, CorDA and LoRA-GA tuned each on its own (OWN_FAMILY_NLG), same grid, dev, seed 0
         "nlg-lr-baselines": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr-baselines",
                                                  families=tuple((m,) for m in OWN_FAMILY_NLG)), "nlg-lr-baselines"),
         "nlg-main": Phase(lambda: main_table(NLG, NLG_TASKS, NLG_METHODS, "nlg-lr", "nlg-main", seed_major=True,
                                              own=OWN_FAMILY_NLG),
-                          "nlg-main", methods=lambda: specs(NLG_METHODS, "nlg-lr", strict=False, own=OWN_FAMILY_NLG)
-                          + optional(largest_own_lr)),
+                          "nlg-main", methods=lambda: with_own_largest(
+                              specs(NLG_METHODS, "nlg-lr", strict=False, own=OWN_FAMILY_NLG), "nlg-lr-largest")),
         "ablation-eigen": ablation(["astra", largest] + [f"astra:eigen_selection={s}" for s in
                                                          ("middle", "lower_quartile", "upper_quartile", "random")]),
         # α = r keeps the NLG scaling α/r = 1 at every rank; LoRA at r = 128 is Figure 1's reference.
