@@ -123,16 +123,18 @@ def test_effective_ranks_on_a_peft_model_include_the_adapter():
 
 @pytest.mark.parametrize("selection", ["smallest", "largest", "middle", "random"])
 @pytest.mark.parametrize("null_space", ["keep", "exclude"])
-def test_factored_statistic_selects_like_the_dense_matrix(selection, null_space):
-    """F·G·Fᵀ with F tall (d_out > d_in, as gate/up): same spectrum, same B, without the d_out² matrix."""
+@pytest.mark.parametrize("inner_rank", [9, 12])
+def test_factored_statistic_selects_like_the_dense_matrix(selection, null_space, inner_rank):
+    """F·G·Fᵀ with F tall (d_out > d_in, as gate/up): same spectrum, same B, without the d_out² matrix. With
+    inner_rank 12 only the structural zeros are degenerate (gate/up's usual case); with 9, the small problem too."""
     g = torch.Generator().manual_seed(1)
     f = torch.randn(30, 12, generator=g, dtype=torch.float64)
-    x = torch.randn(12, 9, generator=g, dtype=torch.float64)
-    cov = x @ x.T  # rank 9 < 12: degenerate inside the small problem too
+    x = torch.randn(12, inner_rank, generator=g, dtype=torch.float64)
+    cov = x @ x.T
     config = AstraConfig(eigen_selection=selection, null_space=null_space, seed=2)
     dense_q, dense = spectrum.select_eigenvectors(f @ cov @ f.T, 4, config, "x")
     fact_q, fact = spectrum.select_eigenvectors((f, cov), 4, config, "x")
-    assert fact.n_degenerate == dense.n_degenerate == 30 - 9
+    assert fact.n_degenerate == dense.n_degenerate == 30 - inner_rank
     assert fact.indices == dense.indices
     assert torch.allclose(torch.tensor(fact.eigenvalues), torch.tensor(dense.eigenvalues), atol=1e-9)
     assert torch.allclose(fact_q @ fact_q.T, dense_q @ dense_q.T, atol=1e-8)
