@@ -9,9 +9,17 @@ from typing import Optional
 
 
 def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    # A temporary name of its own: two `astra compare` processes sharing one output folder both write
+    # compare.json, and a shared ".compare.json.tmp" let one rename the other's file away mid-write.
+    # (The pid, not mkstemp: mkstemp's 0600 mode would outlive the rename.)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def is_finished(run_dir) -> bool:

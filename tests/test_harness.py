@@ -372,3 +372,29 @@ def test_task_labels_for_directories():
     assert task_label("mr", None) == "mr"
     assert task_label("/data/my_task.jsonl", None) == "my_task"
     assert task_label(None, "rel/other.jsonl") == "other"
+
+
+def _write_json_many(path, n, barrier):
+    from astra_peft.rundir import write_json_atomic
+
+    barrier.wait()
+    for i in range(n):
+        write_json_atomic(Path(path), {"writer": os.getpid(), "i": i})
+
+
+def test_two_processes_writing_one_json_file_do_not_collide(tmp_path):
+    # Two `astra compare` runs into one output folder both write compare.json; a temporary name shared
+    # between processes let one rename the other's half-written file away (FileNotFoundError).
+    import multiprocessing
+
+    path = tmp_path / "compare.json"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_json_many, args=(path, 2000, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert json.loads(path.read_text())["i"] == 1999
+    assert [p.name for p in tmp_path.iterdir()] == ["compare.json"]
