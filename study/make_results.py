@@ -28,8 +28,6 @@ OUT = HERE.parent / "docs" / "results_tables.md"
 FIGURES = OUT.parent / "figures"
 # the main tables' loss plots show these method families only (a dozen curves per panel would be unreadable)
 MAIN_PLOT = ("astra", "lora", "pissa", "full")
-# the split a phase reports: tuning reads dev only; every other phase reports test
-SPLIT = {"nlu-lr": "dev", "nlu-lr-largest": "dev", "nlg-lr": "dev", "nlg-lr-largest": "dev", "nlg-lr-baselines": "dev"}
 
 
 def _commands(name: str) -> list[str]:
@@ -198,7 +196,7 @@ def main():
             parts.append(f"## {name}\n\nOrders runs of `{phase.folder}` (its table shows them):\n")
             parts.append("```bash\n" + "\n".join(_commands(name)) + "\n```\n")
             continue
-        split = SPLIT.get(name, "test")
+        split = "dev" if name in run_study.TUNE_METRIC else "test"  # tuning reads dev only
         runs = run_study.phase_runs(phase) if (run_study.RUNS / phase.folder).exists() else []
         parts.append(f"## {name}\n")
         parts.append("```bash\n" + "\n".join(_commands(name)) + "\n```\n")
