@@ -38,13 +38,15 @@ NLU_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "rslora", "dora
 NLG_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "pissa", "milora", "corda", "lora-ga", "full"]
 NLG_PAIRS = NLG_METHODS[:3]
 TUNE_METRIC = {"nlu-lr": "accuracy", "nlu-lr-largest": "accuracy", "nlg-lr": "loss", "nlg-lr-largest": "loss",
-               "nlg-lr-baselines": "loss", "nlg-lr-selections": "loss"}
+               "nlg-lr-baselines": "loss", "nlg-lr-selections": "loss", "nlg-lr-ranks": "loss"}
 # On SmolLM2, `largest` needed a rate 20x below LoRA's: a method that starts in W's principal directions (PiSSA) or
 # rescales its factors (CorDA, LoRA-GA) is its own family there and gets its own tuned rate. MiLoRA starts in the
 # minor singular directions, as Astra-smallest does in the tail, and shares LoRA's and Astra's rate.
 OWN_FAMILY_NLG = ["pissa", "corda", "lora-ga"]
 # Table 4's other eigenvector selections: `largest` diverged at the tail's rate, so each gets its own tuned rate too
 SELECTIONS = [f"astra:eigen_selection={s}" for s in ("middle", "lower_quartile", "upper_quartile", "random")]
+# Figure 1's larger ranks (α = r), each tuned on its own for the same reason: the rate was tuned at r = 8
+RANKED = ["astra:rank=32:alpha=32", "astra:rank=128:alpha=128", "lora:rank=128:alpha=128"]
 ABLATION_TASK = "strategyqa"  # the NLG task of every ablation (and of NLG learning-rate tuning)
 SEEDS = "0,1,2"
 EFFECTIVE_RANK = [(NLU, "mr", "nlu-lr"), (NLG, "social-iqa", "nlg-lr")]  # one task of each kind
@@ -194,8 +196,8 @@ def phases() -> dict[str, Phase]:
     return {
         "nlu-lr": Phase(lambda: tuning(NLU, "mr", "nlu-lr"), "nlu-lr"),
         "nlu-main": Phase(lambda: main_table(NLU, NLU_TASKS, NLU_METHODS, "nlu-lr", "nlu-main", seed_major=True),
-                          "nlu-main", methods=lambda: with_own_rates(specs(NLU_METHODS, "nlu-lr", strict=False), [largest],
-                                                                     "nlu-lr-largest")),
+                          "nlu-main", methods=lambda: with_own_rates(
+                              specs(NLU_METHODS, "nlu-lr", strict=False), [largest], "nlu-lr-largest")),
         # `largest` alone on the MiniLM grid, as nlg-lr-largest does on SmolLM2, and then on every NLU task and
         # seed at its own rate (when that differs from the shared one, which nlu-main already ran)
         "nlu-lr-largest": Phase(lambda: tuning(NLU, "mr", "nlu-lr-largest", families=((largest,),)),
@@ -238,6 +240,12 @@ def phases() -> dict[str, Phase]:
         "ablation-rank": ablation(["astra", largest, "lora"]
                                   + [f"{m}:rank={r}:alpha={r}" for r in (32, 128) for m in ("astra", largest)]
                                   + ["lora:rank=128:alpha=128"]),
+        "nlg-lr-ranks": Phase(lambda: tuning(NLG, ABLATION_TASK, "nlg-lr-ranks",
+                                             families=tuple((m,) for m in RANKED)), "nlg-lr-ranks"),
+        "ablation-rank-own-lr": Phase(
+            lambda: own_rate_runs(NLG, [ABLATION_TASK], RANKED, "nlg-lr-ranks", "nlg-lr", "nlg-main"),
+            "nlg-main", tasks=[ABLATION_TASK],
+            methods=lambda: with_own_rates(specs(["astra", "lora"], "nlg-lr"), RANKED, "nlg-lr-ranks")),
         "ablation-statistic": ablation([f"{m}{sep}statistic={s}" if s != "covariance" else m
                                         for m, sep in (("astra", ":"), (largest, ":"))
                                         for s in ("covariance", "second_moment", "max_normalized")]),
