@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -153,28 +154,47 @@ def _references(folder: str) -> str:
 
 
 def _effective_rank() -> str:
-    """Eq. 9 per layer type, before and after fine-tuning, Astra beside LoRA, from each run's `astra analyze`."""
+    """Eq. 9 per layer type, before and after fine-tuning, Astra beside LoRA, from each run's `astra analyze`:
+    changes as mean ± std over seeds, and per seed which method's mean change over layer types is larger."""
     parts = []
     for task_dir in sorted((run_study.RUNS / "effective-rank" / "runs").glob("*")):
-        found = {}
-        for csv_path in sorted(task_dir.glob("*/seed0/analysis/effective_rank.csv")):
-            found[csv_path.parents[2].name] = list(csv.DictReader(csv_path.open()))
+        found: dict = defaultdict(dict)  # slug -> seed -> rows
+        for csv_path in sorted(task_dir.glob("*/seed*/analysis/effective_rank.csv")):
+            found[csv_path.parents[2].name][csv_path.parents[1].name] = list(csv.DictReader(csv_path.open()))
         if not found:
             continue
         slugs = sorted(found)
+        seeds = sorted(set.intersection(*(set(found[s]) for s in slugs)))
+        if not seeds:
+            continue
+        first = found[slugs[0]][seeds[0]]
         head = ["layer type", "layers", "before"] + [f"{s} {c}" for s in slugs for c in ("after", "change")]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for i, row in enumerate(found[slugs[0]]):
+        for i, row in enumerate(first):
             cells = [row["layer_type"], row["layers"], f"{float(row['before']):.2f}"]
             for slug in slugs:
-                other = found[slug][i]
-                cells += [f"{float(other['after']):.2f}", f"{float(other['change']):+.2f}"]
+                after = [float(found[slug][seed][i]["after"]) for seed in seeds]
+                change = [float(found[slug][seed][i]["change"]) for seed in seeds]
+                cells += [_fmt_mean_std(after, "{:.2f}"), _fmt_mean_std(change, "{:+.2f}")]
             lines.append("| " + " | ".join(cells) + " |")
-        gains = {slug: sum(float(r["change"]) for r in found[slug]) / len(found[slug]) for slug in slugs}
-        parts.append(f"Effective rank (Eq. 9), `{task_dir.name}`, mean over the layers of each type, 128 test rows; "
-                     "mean change over layer types: " + ", ".join(f"{k} {v:+.2f}" for k, v in gains.items())
-                     + ":\n\n" + "\n".join(lines) + "\n")
+        gains = {slug: [sum(float(r["change"]) for r in found[slug][seed]) / len(first) for seed in seeds]
+                 for slug in slugs}
+        summary = ", ".join(f"{k} {_fmt_mean_std(v, '{:+.2f}')}" for k, v in gains.items())
+        if len(slugs) == 2:
+            a, b = slugs
+            wins = sum(x > y for x, y in zip(gains[a], gains[b]))
+            summary += f"; {a} larger than {b} in {wins} of {len(seeds)} seeds"
+        parts.append(f"Effective rank (Eq. 9), `{task_dir.name}`, mean over the layers of each type, 128 test rows, "
+                     f"seeds {', '.join(x.removeprefix('seed') for x in seeds)} (mean ± std over seeds); mean change "
+                     f"over layer types: {summary}:\n\n"
+                     + "\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+def _fmt_mean_std(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.2f}"
 
 
 def main():

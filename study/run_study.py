@@ -153,12 +153,13 @@ def phases() -> dict[str, Phase]:
         out = RUNS / "effective-rank"
         for cfg, task, tune in EFFECTIVE_RANK:
             a = tuned_lr(tune, ["lora", "astra"], ADAPTER_LRS)
-            yield ASTRA + ["compare", "--task", task, "--methods", f"astra:lr={a},lora:lr={a}", "--seeds", "0",
+            yield ASTRA + ["compare", "--task", task, "--methods", f"astra:lr={a},lora:lr={a}", "--seeds", SEEDS,
                            "--eval-split", "test", "--output", str(out)] + \
                 [c for c in common(cfg) if c != "--no-save-weights"]
             for slug in sorted(_slugs(out, task)):
-                yield ASTRA + ["analyze", str(out / "runs" / task / slug / "seed0"), "--split", "test",
-                               "--samples", "128"]
+                for seed in SEEDS.split(","):
+                    yield ASTRA + ["analyze", str(out / "runs" / task / slug / f"seed{seed}"), "--split", "test",
+                                   "--samples", "128"]
 
     def own_lr(method, tune):
         return f"{method}:lr={tuned_lr(tune, [method], ADAPTER_LRS)}"
