@@ -39,15 +39,14 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _cell(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+def mean_std_cell(values: Sequence[float], scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
     """mean ± std over seeds; a single seed shows its value alone (a "± 0.00" would read as a measured spread)."""
     present = [v for v in values if v is not None and not math.isnan(v)]
     if not present:
         return "–"
     mean, std = _mean_std(present)
-    if len(present) == 1:
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    head = f"{mean * scale:{'+' if signed else ''}.{digits}f}"
+    return head if len(present) == 1 else f"{head} ± {std * scale:.{digits}f}"
 
 
 def _ordered(items: Sequence[str], order: Optional[Sequence[str]]) -> list[str]:
@@ -104,9 +103,9 @@ def markdown_table(runs: list[dict], split: str, methods=None, tasks=None, metri
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["method"], _params(row["trainable_parameters"])]
-        cells += [_cell(row[t], *fmt) for t in tasks]
-        cells += [_cell(row["average"], *fmt), _cell(row["train_loss"], 1.0, 4),
-                  _cell(row["prep_seconds"], 1.0, 1), _cell(row["train_seconds"], 1.0, 1)]
+        cells += [mean_std_cell(row[t], *fmt) for t in tasks]
+        cells += [mean_std_cell(row["average"], *fmt), mean_std_cell(row["train_loss"], 1.0, 4),
+                  mean_std_cell(row["prep_seconds"], 1.0, 1), mean_std_cell(row["train_seconds"], 1.0, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

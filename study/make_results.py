@@ -12,8 +12,6 @@ import csv
 import json
 import math
 import os
-import shlex
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,22 +21,12 @@ sys.path.insert(0, str(HERE))
 
 import run_study  # noqa: E402
 
-from astra_peft.report import markdown_table, plot_curves  # noqa: E402
+from astra_peft.report import markdown_table, mean_std_cell, plot_curves  # noqa: E402
 
 OUT = HERE.parent / "docs" / "results_tables.md"
 FIGURES = OUT.parent / "figures"
 # the main tables' loss plots show these method families only (a dozen curves per panel would be unreadable)
 MAIN_PLOT = ("astra", "lora", "pissa", "full")
-
-
-def _commands(name: str) -> list[str]:
-    lines = []
-    try:
-        for cmd in run_study.phases()[name].commands():
-            lines.append(" ".join(shlex.quote(c) for c in cmd))
-    except SystemExit as why:  # a command whose tuning has not finished yet
-        lines.append(f"# (then commands not yet runnable: {why})")
-    return lines
 
 
 def _wall_times() -> dict[str, float]:
@@ -175,11 +163,11 @@ def _effective_rank() -> str:
             for slug in slugs:
                 after = [float(found[slug][seed][i]["after"]) for seed in seeds]
                 change = [float(found[slug][seed][i]["change"]) for seed in seeds]
-                cells += [_fmt_mean_std(after, "{:.2f}"), _fmt_mean_std(change, "{:+.2f}")]
+                cells += [mean_std_cell(after, 1.0), mean_std_cell(change, 1.0, signed=True)]
             lines.append("| " + " | ".join(cells) + " |")
         gains = {slug: [sum(float(r["change"]) for r in found[slug][seed]) / len(first) for seed in seeds]
                  for slug in slugs}
-        summary = ", ".join(f"{k} {_fmt_mean_std(v, '{:+.2f}')}" for k, v in gains.items())
+        summary = ", ".join(f"{k} {mean_std_cell(v, 1.0, signed=True)}" for k, v in gains.items())
         if len(slugs) == 2:
             a, b = slugs
             wins = sum(x > y for x, y in zip(gains[a], gains[b]))
@@ -189,12 +177,6 @@ def _effective_rank() -> str:
                      f"over layer types: {summary}:\n\n"
                      + "\n".join(lines) + "\n")
     return "\n".join(parts)
-
-
-def _fmt_mean_std(values: list[float], fmt: str) -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.2f}"
 
 
 def main():
@@ -214,12 +196,12 @@ def main():
     for name, phase in table.items():
         if not phase.table:
             parts.append(f"## {name}\n\nOrders runs of `{phase.folder}` (its table shows them):\n")
-            parts.append("```bash\n" + "\n".join(_commands(name)) + "\n```\n")
+            parts.append("```bash\n" + "\n".join(run_study.command_lines(phase)) + "\n```\n")
             continue
         split = "dev" if name in run_study.TUNE_METRIC else "test"  # tuning reads dev only
         runs = run_study.phase_runs(phase) if (run_study.RUNS / phase.folder).exists() else []
         parts.append(f"## {name}\n")
-        parts.append("```bash\n" + "\n".join(_commands(name)) + "\n```\n")
+        parts.append("```bash\n" + "\n".join(run_study.command_lines(phase)) + "\n```\n")
         if not runs:
             parts.append("No finished runs yet.\n")
             continue

@@ -263,6 +263,16 @@ def phases() -> dict[str, Phase]:
     }
 
 
+def command_lines(phase: Phase) -> Iterator[str]:
+    """The phase's commands as shell lines; where one waits on a tuning phase that has not finished, a comment
+    saying so ends the list."""
+    try:
+        for cmd in phase.commands():
+            yield " ".join(shlex.quote(c) for c in cmd)
+    except SystemExit as why:
+        yield f"# (then commands not yet runnable: {why})"
+
+
 def _slugs(out: Path, task: str) -> list[str]:
     folder = out / "runs" / task
     return [p.name for p in folder.iterdir()] if folder.exists() else []
@@ -314,20 +324,12 @@ def main(argv=None):
     names = list(table) if args.phases == ["all"] else args.phases
     log = RUNS / "wall_times.csv"
     for name in names:
-        commands = table[name].commands()
-        while True:
-            try:
-                cmd = next(commands)
-            except StopIteration:
-                break
-            except SystemExit as why:
-                if not args.dry_run:
-                    raise
-                print(f"# (then commands not yet runnable: {why})")  # a dry run shows the phases after it too
-                break
+        if args.dry_run:  # goes on past a phase whose tuning is pending, to show the phases after it
+            for line in command_lines(table[name]):
+                print(line if line.startswith("#") else f"$ {line}")
+            continue
+        for cmd in table[name].commands():
             print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-            if args.dry_run:
-                continue
             start = time.time()
             done = subprocess.run([sys.executable, *cmd[1:]])
             RUNS.mkdir(parents=True, exist_ok=True)
