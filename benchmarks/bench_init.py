@@ -54,7 +54,7 @@ def calibration_ids(tokenizer, task: str, n_seq: int, seq_len: int):
     """(n_seq, seq_len) token ids: the task's training rows, prompt + completion, joined by EOS and packed."""
     import torch
 
-    from astra_peft.tasks import load_task
+    from astra_peft.harness.tasks import load_task
 
     rows = load_task(task).splits["train"]
     need = n_seq * seq_len
@@ -108,7 +108,7 @@ def worker(config: str, args) -> None:
     threads = C.set_worker_threads()
     import torch
 
-    from astra_peft.models import load_model
+    from astra_peft.harness.models import load_model
 
     torch.manual_seed(0)
     t_load = time.perf_counter()

@@ -37,7 +37,7 @@ def build(args):
     import torch
     from peft import get_peft_model
 
-    from astra_peft.models import load_model
+    from astra_peft.harness.models import load_model
 
     torch.manual_seed(0)
     model, tokenizer = load_model(MODEL, task_kind="generation")

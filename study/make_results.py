@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 
 import run_study  # noqa: E402
 
-from astra_peft.report import markdown_table, mean_std_cell, plot_curves  # noqa: E402
+from astra_peft.harness.report import markdown_table, mean_std_cell, plot_curves  # noqa: E402
 
 OUT = HERE.parent / "docs" / "results_tables.md"
 FIGURES = OUT.parent / "figures"

@@ -23,9 +23,9 @@ OUT = HERE / "runs" / "references.json"
 
 
 def main():
-    from astra_peft.evaluation import evaluate
-    from astra_peft.models import load_model
-    from astra_peft.tasks import load_task
+    from astra_peft.harness.evaluation import evaluate
+    from astra_peft.harness.models import load_model
+    from astra_peft.harness.tasks import load_task
 
     out = {"majority": {}, "zero_shot": {}}
     for name in run_study.NLU_TASKS:

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RUNS = Path("study") / "runs"  # relative to ROOT, where both scripts run, so printed commands are portable
-ASTRA = ["python", "-m", "astra_peft.cli"]
+ASTRA = ["python", "-m", "astra_peft.harness.cli"]
 
 # --- the settings every run of a model shares (stated in docs/results.md) --------------------------------
 NLU = dict(model="minilm-l6", rank=8, alpha=16, batch=16, max_length=128, steps=150, eval_samples=500)
@@ -294,7 +294,7 @@ def phase_methods(phase: Phase) -> Optional[list[str]]:
 
 def phase_runs(phase: Phase) -> list[dict]:
     """The finished runs that make the phase's table."""
-    from astra_peft.report import collect_runs
+    from astra_peft.harness.report import collect_runs
 
     runs = collect_runs(RUNS / phase.folder)
     if phase.tasks is not None:

@@ -10,9 +10,9 @@ import torch
 from peft import LoraConfig
 
 from astra_peft import AstraConfig, collect_activation_stats
-from astra_peft.models import load_model
+from astra_peft.harness.models import load_model
 from astra_peft.spectrum import select_eigenvectors
-from astra_peft.tasks import load_task
+from astra_peft.harness.tasks import load_task
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

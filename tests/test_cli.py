@@ -26,7 +26,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def astra(*args) -> subprocess.CompletedProcess:
     """The installed console script's entry point, in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-c", "import sys; from astra_peft.cli import main; sys.exit(main())",
+    return subprocess.run([sys.executable, "-c", "import sys; from astra_peft.harness.cli import main; sys.exit(main())",
                            *map(str, args)], capture_output=True, text=True, timeout=600, env=ENV)
 
 
@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 
 def test_help_for_every_subcommand(capsys):
-    from astra_peft.cli import main
+    from astra_peft.harness.cli import main
 
     for command in [[], *[[c] for c in SUBCOMMANDS]]:
         with pytest.raises(SystemExit) as exit_info:
@@ -56,7 +56,7 @@ def test_help_for_every_subcommand(capsys):
 
 
 def test_listings(capsys):
-    from astra_peft.cli import main
+    from astra_peft.harness.cli import main
 
     assert main(["models"]) == 0 and "smollm2-135m" in capsys.readouterr().out
     assert main(["tasks"]) == 0 and "social-iqa" in capsys.readouterr().out
@@ -75,7 +75,7 @@ def test_finetune_then_analyze(tiny, tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "astra:eigen_selection=largest"
     assert config["method_spec"]["options"]["eigen_selection"] == "largest"
-    from astra_peft.cli import main
+    from astra_peft.harness.cli import main
 
     before = (run / "summary.json").read_text()
     assert main(["finetune", "--model", str(tiny["llama"]), "--data", str(tiny["gen"]), "--method", "astra",
@@ -99,7 +99,7 @@ def test_compare_command(tiny, tmp_path):
 
 def test_errors_surface_cleanly(tiny, tmp_path, capsys):
     """Bad data or a bad method spec: exit code 2, one `astra: error:` line naming the problem, no traceback."""
-    from astra_peft.cli import main
+    from astra_peft.harness.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Question: is one more ?", "completion": " yes"}\n{"prompt": "oops"\n')
@@ -144,7 +144,7 @@ def test_two_processes(tiny, tmp_path, launcher):
     per step."""
     run = tmp_path / "ddp"
     done = subprocess.run([*LAUNCHERS[launcher], "-m",
-                           "astra_peft.cli", "finetune", "--model", str(tiny["llama"]), "--data", str(tiny["gen"]),
+                           "astra_peft.harness.cli", "finetune", "--model", str(tiny["llama"]), "--data", str(tiny["gen"]),
                            "--method", "astra", "--output", str(run), *FAST],
                           capture_output=True, text=True, timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -158,7 +158,7 @@ def test_two_processes(tiny, tmp_path, launcher):
 
 
 def test_paper_presets_and_explicit_flags():
-    from astra_peft.cli import _config, build_parser
+    from astra_peft.harness.cli import _config, build_parser
 
     args = build_parser().parse_args(["finetune", "--model", "m", "--task", "mr", "--output", "o",
                                       "--preset", "paper-nlg", "--lr", "1e-4"])

@@ -105,7 +105,7 @@ def tiny(tmp_path_factory):
 
 
 def finetune(tiny, out, method="lora", model="llama", data="gen", **kw):
-    from astra_peft.training import FinetuneConfig, run_finetune
+    from astra_peft.harness.training import FinetuneConfig, run_finetune
 
     settings = dict(model=tiny[model], data=tiny[data], method=method, output=str(out), max_steps=6,
                     batch_size=4, lr=5e-3, rank=4, alpha=8, calibration_samples=32, progress=False, save_steps=3)
@@ -118,7 +118,7 @@ def finetune(tiny, out, method="lora", model="llama", data="gen", **kw):
 
 
 def test_method_specs_parse_and_name_runs():
-    from astra_peft.specs import parse_method_list, parse_method_spec
+    from astra_peft.harness.specs import parse_method_list, parse_method_spec
 
     spec = parse_method_spec("astra:eigen_selection=largest:lr=2e-4:calibration_samples=16")
     assert spec.method == "astra" and spec.options == {"eigen_selection": "largest"}
@@ -145,8 +145,8 @@ def test_weight_driven_inits_keep_outputs(method):
     """MiLoRA (ours) and PEFT's PiSSA/OLoRA: W ← W − s·BA makes the adapted model start where the base was."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from astra_peft.methods import BuildContext, build_method
-    from astra_peft.specs import parse_method_spec
+    from astra_peft.harness.methods import BuildContext, build_method
+    from astra_peft.harness.specs import parse_method_spec
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -203,9 +203,9 @@ def test_converted_adapter_reproduces_the_finetuned_model(tiny, tmp_path):
     conversion of the rewritten-base adapter to a rank-2r plain LoRA)."""
     from peft import PeftModel
 
-    from astra_peft.evaluation import evaluate
-    from astra_peft.models import load_model
-    from astra_peft.tasks import load_jsonl_task
+    from astra_peft.harness.evaluation import evaluate
+    from astra_peft.harness.models import load_model
+    from astra_peft.harness.tasks import load_jsonl_task
 
     summary = finetune(tiny, tmp_path / "run", method="astra", max_steps=3)
     model, tok = load_model(tiny["llama"], task_kind="generation")
@@ -236,7 +236,7 @@ def test_finetune_classification(tiny, tmp_path, method):
                 assert any("classifier" in k for k in fh.keys())
     # the fine-tuned model is rebuilt from what was saved, for every kind of run (a LoRA run keeps adapter_init
     # for restarts, yet its adapter needs no residual base)
-    from astra_peft.evaluation import analyze_run
+    from astra_peft.harness.evaluation import analyze_run
 
     before, after = analyze_run(tmp_path / method, samples=8, progress=False)
     assert before and before.keys() == after.keys()
@@ -291,8 +291,8 @@ def test_calibration_on_other_data(tiny, tmp_path):
 
 
 def test_compare_writes_table_and_plots_and_skips_finished_runs(tiny, tmp_path):
-    from astra_peft.compare import run_compare
-    from astra_peft.training import FinetuneConfig
+    from astra_peft.harness.compare import run_compare
+    from astra_peft.harness.training import FinetuneConfig
 
     base = FinetuneConfig(model=tiny["llama"], data=tiny["gen"], output=str(tmp_path), max_steps=4, batch_size=4,
                           lr=5e-3, rank=4, alpha=8, calibration_samples=32, progress=False, save_steps=0)
@@ -314,7 +314,7 @@ def test_compare_writes_table_and_plots_and_skips_finished_runs(tiny, tmp_path):
 
 
 def test_table_of_accuracy_or_held_out_loss():
-    from astra_peft.report import markdown_table
+    from astra_peft.harness.report import markdown_table
 
     def run(method, seed, acc, loss):
         return {"method": method, "task": "t", "seed": seed, "final": {"test": {"accuracy": acc, "loss": loss}},
@@ -327,7 +327,7 @@ def test_table_of_accuracy_or_held_out_loss():
 
 
 def test_effective_rank_report(tmp_path):
-    from astra_peft.report import effective_rank_table, write_effective_rank
+    from astra_peft.harness.report import effective_rank_table, write_effective_rank
 
     before = {"model.layers.0.self_attn.q_proj": 10.0, "model.layers.1.self_attn.q_proj": 12.0,
               "model.layers.0.mlp.up_proj": 20.0}
@@ -354,7 +354,7 @@ def test_restart_before_any_checkpoint_reuses_the_initialisation(tiny, tmp_path,
     def no_build(*args, **kwargs):
         raise AssertionError("the initialisation should have been restored, not recomputed")
 
-    monkeypatch.setattr("astra_peft.training.build_method", no_build)
+    monkeypatch.setattr("astra_peft.harness.training.build_method", no_build)
     summary = finetune(tiny, tmp_path / "cut", method="astra")
     assert summary["init_restored"] and summary["resumed_from"] is None
     assert summary["seconds"]["calibration"] > 0  # the original cost, kept in init.json
@@ -367,7 +367,7 @@ def test_restart_before_any_checkpoint_reuses_the_initialisation(tiny, tmp_path,
 
 
 def test_task_labels_for_directories():
-    from astra_peft.compare import task_label
+    from astra_peft.harness.compare import task_label
 
     assert task_label("mr", None) == "mr"
     assert task_label("/data/my_task.jsonl", None) == "my_task"
@@ -375,7 +375,7 @@ def test_task_labels_for_directories():
 
 
 def _write_json_many(path, n, barrier):
-    from astra_peft.rundir import write_json_atomic
+    from astra_peft.harness.rundir import write_json_atomic
 
     barrier.wait()
     for i in range(n):

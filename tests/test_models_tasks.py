@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from astra_peft import models, sources
-from astra_peft.models import FetchError, cache_dir, default_target_modules, load_model
-from astra_peft.tasks import load_jsonl_task, load_task
+from astra_peft.harness import models, sources
+from astra_peft.harness.models import FetchError, cache_dir, default_target_modules, load_model
+from astra_peft.harness.tasks import load_jsonl_task, load_task
 
 
 def write_jsonl(path, rows):

@@ -209,7 +209,7 @@ def analyze_run(run_dir, *, split: str = "dev", samples: int = 64, batch_size: i
 
     from peft import PeftModel
 
-    from . import effective_ranks
+    from .. import effective_ranks
     from .models import load_model
     from .tasks import load_jsonl_task, load_task
 

@@ -138,7 +138,7 @@ def _versions() -> dict:
     import peft
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"astra_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__}
@@ -362,7 +362,7 @@ def _save_weights(model, tokenizer, run: Path, is_peft: bool, mutates_base: bool
     model.save_pretrained(str(run / "adapter"))
     if mutates_base and (run / "adapter_init").is_dir():
         # the difference to the initial adapter as a rank-2r LoRA of the original base, trained head included
-        from .conversion import save_as_lora
+        from ..conversion import save_as_lora
 
         save_as_lora(model, run / "adapter_lora", run / "adapter_init")
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from .layers import lora_layers
+from ..layers import lora_layers
 
 # Options every method accepts; they override the run's --lr/--rank/--alpha for this method only.
 COMMON_OPTIONS: dict[str, type] = {"lr": float, "rank": int, "alpha": float}
@@ -188,7 +188,7 @@ def _build_milora(ctx: BuildContext, options: dict) -> BuiltModel:
 
 
 def _astra_config_cls():
-    from .config import AstraConfig
+    from ..config import AstraConfig
 
     return AstraConfig
 
@@ -203,7 +203,7 @@ def _astra_config_cls():
 def _build_astra(ctx: BuildContext, options: dict) -> BuiltModel:
     from peft import get_peft_model
 
-    from . import AstraConfig, initialize_astra_weights
+    from .. import AstraConfig, initialize_astra_weights
 
     options.setdefault("seed", ctx.seed)
     config = AstraConfig(**options)

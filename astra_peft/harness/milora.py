@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import lora_layers
+from ..layers import lora_layers
 
 
 @torch.no_grad()
