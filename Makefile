@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-cpu.txt
-	$(PY) -m pip install -q -e ".[harness,dev]"
+	$(PY) -m pip install -q -e ".[harness,integrations,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
