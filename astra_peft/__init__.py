@@ -4,14 +4,30 @@
     initialize_astra_weights(peft_model, calibration_dataloader, AstraConfig())
 """
 
-from .calibration import collect_activation_stats
-from .config import AstraConfig
-from .conversion import save_as_lora
-from .initialization import AstraReport, initialize_astra_weights
-from .spectrum import effective_rank, effective_ranks
-from .stats import ActivationStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Public names are loaded on first use (PEP 562), not at `import astra_peft`: the package's modules import
+# torch and PEFT (seconds to tens of seconds on a busy machine), and the `astra` CLI, which lives under
+# astra_peft.harness and so imports this file first, must answer `--help` without paying for them.
+_EXPORTS = {
+    "RankAllocation": "allocation",
+    "allocate_ranks": "allocation",
+    "AstraConfig": "config",
+    "AstraReport": "initialization",
+    "ActivationStats": "stats",
+    "collect_activation_stats": "calibration",
+    "effective_rank": "spectrum",
+    "effective_ranks": "spectrum",
+    "initialize_astra_weights": "initialization",
+    "save_as_lora": "conversion",
+}
 
 __all__ = [
+    "RankAllocation",
+    "allocate_ranks",
     "AstraConfig",
     "AstraReport",
     "ActivationStats",
@@ -22,3 +38,25 @@ __all__ = [
     "save_as_lora",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .allocation import RankAllocation, allocate_ranks
+    from .calibration import collect_activation_stats
+    from .config import AstraConfig
+    from .conversion import save_as_lora
+    from .initialization import AstraReport, initialize_astra_weights
+    from .spectrum import effective_rank, effective_ranks
+    from .stats import ActivationStats
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
