@@ -9,7 +9,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 from peft.tuners.lora import LoraLayer
 
@@ -43,6 +42,8 @@ def eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
     """All eigenvalues, ascending. Cheaper than a full decomposition: no eigenvectors are formed."""
     if matrix.is_cuda:
         return torch.linalg.eigvalsh(matrix)
+    import scipy.linalg  # CPU paths only: a GPU machine need not have SciPy
+
     values = scipy.linalg.eigh(matrix.numpy(), eigvals_only=True, check_finite=False)
     return torch.from_numpy(values)
 
@@ -53,6 +54,8 @@ class _Tridiagonal:
     Asking LAPACK for the two separately reduces A twice, and the reduction is most of the cost."""
 
     def __init__(self, matrix: torch.Tensor):
+        import scipy.linalg
+
         lapack = scipy.linalg.lapack
         a = np.asarray(matrix.numpy(), dtype=np.float64)
         n = a.shape[0]
@@ -66,6 +69,8 @@ class _Tridiagonal:
 
     def vectors(self, lo: int, hi: int) -> torch.Tensor:
         """Eigenvectors for ascending indices lo..hi inclusive, as columns."""
+        import scipy.linalg
+
         lapack = scipy.linalg.lapack
         _, z = scipy.linalg.eigh_tridiagonal(self.diag, self.off, select="i", select_range=(lo, hi),
                                              lapack_driver="stemr", check_finite=False)
@@ -90,6 +95,8 @@ def eigenvectors(matrix: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """
     if matrix.is_cuda:
         return torch.linalg.eigh(matrix)[1][:, lo : hi + 1].clone()
+    import scipy.linalg
+
     _, vectors = scipy.linalg.eigh(
         matrix.numpy(), subset_by_index=[lo, hi], driver="evr", check_finite=False
     )
@@ -100,6 +107,8 @@ def full_eigenvectors(matrix: torch.Tensor) -> torch.Tensor:
     """All eigenvectors, ascending: divide-and-conquer LAPACK (syevd) on CPU, torch on GPU."""
     if matrix.is_cuda:
         return torch.linalg.eigh(matrix)[1]
+    import scipy.linalg
+
     _, vectors = scipy.linalg.eigh(matrix.numpy(), driver="evd", check_finite=False)
     return torch.from_numpy(vectors)
 
