@@ -1,14 +1,88 @@
-"""`AstraConfig`: every choice the paper leaves open, made explicit."""
+"""`AstraConfig`: every choice the paper leaves open, made explicit.
+
+Each choice list is written once, here, as a `Literal` alias. Everything else derives from it: the field
+annotations, the validation (`check_choices`), the spec parser's coercion of ``astra:KEY=VALUE`` and the CLI's
+`choices=` and help text (through the ``*_CHOICES`` tuples, `typing.get_args` of the alias).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
-EIGEN_SELECTIONS = ("smallest", "largest", "middle", "lower_quartile", "upper_quartile", "random")
-STATISTICS = ("covariance", "second_moment", "max_normalized")
-NULL_SPACE_POLICIES = ("keep", "exclude", "raise")
-STATISTIC_SOURCES = ("auto", "input", "output")
+# ---- the choice lists (one line each; see the AstraConfig field of the same name for what each value means)
+EigenSelection = Literal["smallest", "largest", "middle", "lower_quartile", "upper_quartile", "random"]
+Statistic = Literal["covariance", "second_moment", "max_normalized"]
+NullSpacePolicy = Literal["keep", "exclude", "raise"]
+StatisticSource = Literal["auto", "input", "output"]
+AccumulationDtype = Literal["float32", "float64"]
+StatsDevice = Literal["model", "cpu"]
+# Where one layer's statistic was accumulated: an input Gram shared by the layers reading that input, the
+# layer's own output Gram, or the authors' per-sequence max-normalised output Gram.
+AccumulatorKind = Literal["input", "output", "max_normalized"]
+# Which statistics a calibration can serve: "moments" (covariance and second_moment) or "max_normalized".
+StatsFamily = Literal["moments", "max_normalized"]
+# How a residual base W − s·B·A is rounded in float32 (see astra_peft/rewrite.py): "product" forms s·(B@A),
+# as Astra and PEFT's LoRA-GA do; "scaled_b" forms (s·B)@A, as PEFT's PiSSA/OLoRA/CorDA and our MiLoRA do.
+ResidualOrder = Literal["product", "scaled_b"]
+
+EIGEN_SELECTIONS: tuple[str, ...] = typing.get_args(EigenSelection)
+STATISTICS: tuple[str, ...] = typing.get_args(Statistic)
+NULL_SPACE_POLICIES: tuple[str, ...] = typing.get_args(NullSpacePolicy)
+STATISTIC_SOURCES: tuple[str, ...] = typing.get_args(StatisticSource)
+ACCUMULATOR_KINDS: tuple[str, ...] = typing.get_args(AccumulatorKind)
+
+
+def literal_choices(hint) -> Optional[tuple]:
+    """The allowed values of a `Literal[...]` annotation (also inside `Optional[...]`), else None.
+
+    Args:
+        hint: A resolved type annotation, e.g. ``EigenSelection`` or ``Optional[StatsDevice]``.
+
+    Returns:
+        The tuple of allowed values, or None when `hint` is not a Literal.
+    """
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    for arg in typing.get_args(hint):  # Optional[Literal[...]], Union[..., Literal[...]]
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple, bool], ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        allowed = literal_choices(hints[f.name])
+        if allowed is not None:
+            out.append((f.name, allowed, type(None) in typing.get_args(hints[f.name])))
+    return tuple(out)
+
+
+def check_choices(obj) -> None:
+    """Check every `Literal`-annotated field of dataclass instance `obj` against its alias.
+
+    The one validation of a choice: dataclasses call it from `__post_init__`, so a bad value is refused
+    when the object is built, wherever it came from (Python, a spec string, the command line, a JSON file).
+
+    Args:
+        obj: A dataclass instance whose choice fields are annotated with a `Literal` alias.
+
+    Raises:
+        ValueError: A field holds a value its `Literal` does not list; the message names the class, the
+            field, the allowed values and the value given.
+    """
+    for name, allowed, optional in _literal_fields(type(obj)):
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        if value not in allowed:
+            raise ValueError(f"{type(obj).__name__}.{name} must be one of {allowed}, got {value!r}.")
 
 
 @dataclass
@@ -19,7 +93,7 @@ class AstraConfig:
     λ[0] ≤ λ[1] ≤ … ≤ λ[d-1], with d the layer's output dimension and r its LoRA rank.
     """
 
-    eigen_selection: Literal["smallest", "largest", "middle", "lower_quartile", "upper_quartile", "random"] = field(
+    eigen_selection: EigenSelection = field(
         default="smallest",
         metadata={
             "help": (
@@ -33,7 +107,7 @@ class AstraConfig:
             )
         },
     )
-    statistic: Literal["covariance", "second_moment", "max_normalized"] = field(
+    statistic: Statistic = field(
         default="covariance",
         metadata={
             "help": (
@@ -44,7 +118,7 @@ class AstraConfig:
             )
         },
     )
-    null_space: Literal["keep", "exclude", "raise"] = field(
+    null_space: NullSpacePolicy = field(
         default="keep",
         metadata={
             "help": (
@@ -67,7 +141,7 @@ class AstraConfig:
             )
         },
     )
-    statistic_source: Literal["auto", "input", "output"] = field(
+    statistic_source: StatisticSource = field(
         default="auto",
         metadata={
             "help": (
@@ -79,7 +153,7 @@ class AstraConfig:
             )
         },
     )
-    accumulation_dtype: Literal["float32", "float64"] = field(
+    accumulation_dtype: AccumulationDtype = field(
         default="float32",
         metadata={
             "help": (
@@ -89,7 +163,7 @@ class AstraConfig:
             )
         },
     )
-    stats_device: Literal["model", "cpu"] = field(
+    stats_device: StatsDevice = field(
         default="model",
         metadata={
             "help": (
@@ -111,18 +185,7 @@ class AstraConfig:
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar while calibrating."})
 
     def __post_init__(self):
-        choices = {
-            "eigen_selection": EIGEN_SELECTIONS,
-            "statistic": STATISTICS,
-            "null_space": NULL_SPACE_POLICIES,
-            "statistic_source": STATISTIC_SOURCES,
-            "accumulation_dtype": ("float32", "float64"),
-            "stats_device": ("model", "cpu"),
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"AstraConfig.{name} must be one of {allowed}, got {value!r}.")
+        check_choices(self)
         if self.statistic == "max_normalized" and self.statistic_source == "input":
             raise ValueError(
                 "statistic='max_normalized' normalises each sequence's outputs by their maximum, which the "

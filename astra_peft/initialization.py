@@ -12,6 +12,7 @@ from peft.utils.integrations import gather_params_ctx
 from .calibration import ForwardFn, collect_activation_stats
 from .config import AstraConfig
 from .layers import check_supported, layer_digest, lora_layers, out_in_dims, set_weight_matrix, weight_matrix
+from .rewrite import residual_weight
 from .spectrum import Selection, select_eigenvectors
 from .stats import ActivationStats
 
@@ -166,17 +167,17 @@ def _check_stats_match(stats: ActivationStats, layers: dict) -> None:
 
 
 def _write(layer, adapter_name: str, q: torch.Tensor) -> None:
-    """A = QᵀW and B = Q, both cast to the adapter's dtype; the residual is formed in float32 from the
-    *cast* A and B and cast once, so base + s·B·A reproduces W as closely as the base dtype allows."""
+    """A = QᵀW and B = Q, both cast to the adapter's dtype; then W ← W − s·B·A (`rewrite.residual_weight`),
+    formed in float32 from the *cast* A and B and cast once, so base + s·B·A reproduces W as closely as the
+    base dtype allows."""
     base = layer.get_base_layer()
     lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    scaling = layer.scaling[adapter_name]
     with gather_params_ctx([base.weight, lora_a, lora_b], modifier_rank=0):
         w = weight_matrix(base).detach().to(torch.float32)
         q = q.to(device=w.device, dtype=torch.float32)
         a = (q.T @ w).to(lora_a.dtype)
         b = q.to(lora_b.dtype)
-        residual = w - scaling * (b.to(torch.float32) @ a.to(torch.float32))
+        residual = residual_weight(w, a, b, layer.scaling[adapter_name], "product")
         lora_a.data.copy_(a)
         lora_b.data.copy_(b)
         set_weight_matrix(base, residual)

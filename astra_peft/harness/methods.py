@@ -14,6 +14,7 @@ in one comparison. Keys are either common to every method (``lr``, ``rank``, ``a
 from __future__ import annotations
 
 import dataclasses
+import enum
 import time
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ..layers import lora_layers
+from ..config import check_choices
+from ..rewrite import subtract_adapters
+from .kinds import DataNeed, TaskKind
 
 # Options every method accepts; they override the run's --lr/--rank/--alpha for this method only.
 COMMON_OPTIONS: dict[str, type] = {"lr": float, "rank": int, "alpha": float}
@@ -36,7 +39,7 @@ class BuildContext:
     """What a method may use to build its model. Batches are produced lazily: only data-driven methods pay."""
 
     model: nn.Module
-    task_kind: str  # "classification" | "generation"
+    task_kind: TaskKind
     target_modules: Any  # list[str] or a PEFT shorthand such as "all-linear"
     rank: int
     alpha: float
@@ -47,6 +50,9 @@ class BuildContext:
     gradient_batches: Optional[Callable[[], Iterable[dict]]] = None
     cache_dir: Optional[Path] = None
 
+    def __post_init__(self):
+        check_choices(self)
+
 
 @dataclass
 class BuiltModel:
@@ -55,22 +61,52 @@ class BuiltModel:
     calibration_seconds: float = 0.0
     init_seconds: float = 0.0
     # True when the method rewrote the base weights (W ← W − s·B₀A₀): then the trained adapter only fits the
-    # residual model, and a plain-LoRA conversion for the original model is worth saving.
+    # residual model, and a plain-LoRA conversion for the original model is worth saving. `build_method` sets
+    # it from the method's declared `BaseRebuild`; a build function does not.
     mutates_base: bool = False
     report: dict = field(default_factory=dict)
+
+
+class BaseRebuild(enum.Enum):
+    """What a method's initialisation does to the frozen base weights, declared once at registration.
+
+    It says how to rebuild that base from the initial adapter saved in a run directory (resuming a run without
+    calibrating again, `restore_initial_adapter`) and whether the trained adapter needs a plain-LoRA conversion
+    to fit the original model. A rebuilt base must round exactly as the method's own did, or a resumed run
+    drifts from an uninterrupted one: the value names the float32 order (`astra_peft.rewrite.residual_weight`).
+    """
+
+    KEEP = "keep"  # base untouched (LoRA, rsLoRA, DoRA, EVA, full): the saved adapter fits the original model
+    PRODUCT = "product"  # W ← W − s·(B@A): Astra, PEFT's LoRA-GA
+    SCALED_B = "scaled_b"  # W ← W − (s·B)@A: PEFT's PiSSA, OLoRA and CorDA, and our MiLoRA
+
+    @property
+    def rewrites_base(self) -> bool:
+        return self is not BaseRebuild.KEEP
+
+    def apply(self, peft_model: nn.Module, adapter_name: str = "default") -> None:
+        """Rebuild the base of `peft_model`, which holds the saved initial adapter on the ORIGINAL weights.
+
+        Args:
+            peft_model: The PeftModel just loaded with the initial adapter.
+            adapter_name: The adapter whose B₀A₀ the method took out of the base.
+        """
+        if self.rewrites_base:
+            subtract_adapters(peft_model, adapter_name, order=self.value)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     help: str
-    build: Callable[[BuildContext, dict], BuiltModel]
+    build: Callable[[BuildContext, Any], BuiltModel]  # build(ctx, spec: specs.MethodSpec)
     config_cls: Optional[type] = None  # dataclass whose fields are this method's options
-    data: Optional[str] = None  # None | "activations" | "gradients"
+    data: Optional[DataNeed] = None  # None: the method looks at no data before training
     peft: bool = True  # False only for full fine-tuning
-    # How the method forms the residual base in float32, W − (s·B)@A or W − s·(B@A): rebuilding it from a saved
-    # initial adapter the same way reproduces the original run bit for bit.
-    residual: str = "scaled_b"
+    base: BaseRebuild = BaseRebuild.KEEP
+
+    def __post_init__(self):
+        check_choices(self)
 
     def option_types(self) -> dict[str, Any]:
         types: dict[str, Any] = dict(COMMON_OPTIONS) if self.peft else {"lr": float}
@@ -85,10 +121,24 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], type]] = None, data=None, peft=True,
-                    residual="scaled_b"):
-    """Decorator: register `build(ctx, options) -> BuiltModel` under `name`. `config_cls` is a thunk so that
-    optional dependencies (attrs for CorDA) are imported only when the method is used."""
+def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], type]] = None,
+                    data: Optional[DataNeed] = None, peft: bool = True, base: BaseRebuild = BaseRebuild.KEEP):
+    """Decorator: register `build(ctx, spec) -> BuiltModel` under `name`.
+
+    Args:
+        name: The method's name in specs (``NAME[:KEY=VALUE]...``).
+        help: One line for `astra methods`.
+        config_cls: A thunk returning the dataclass whose fields are the method's own spec options; a thunk so
+            that optional dependencies (attrs for CorDA) are imported only when the method is used.
+        data: What the method looks at before training, if anything (`kinds.DataNeed`).
+        peft: False only for full fine-tuning (then the only common option is ``lr``).
+        base: What the initialisation does to the frozen weights (see `BaseRebuild`). Declare it right, or a
+            resumed run stops being exact: tests/test_persistence.py rebuilds every method from its saved
+            initial adapter and compares the weights bit for bit.
+
+    Returns:
+        The decorator, which returns `build` unchanged.
+    """
 
     def wrap(build):
         cls = None
@@ -97,16 +147,26 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
                 cls = config_cls()
             except ImportError:  # the method still builds (and fails with the real error) when chosen
                 cls = None
-        METHODS[name] = Method(name=name, help=help, build=build, config_cls=cls, data=data, peft=peft,
-                               residual=residual)
+        METHODS[name] = Method(name=name, help=help, build=build, config_cls=cls, data=data, peft=peft, base=base)
         return build
 
     return wrap
 
 
 def build_method(spec, ctx: BuildContext) -> BuiltModel:
-    """Build `spec` (a `specs.MethodSpec`) on `ctx.model`."""
-    return METHODS[spec.method].build(ctx, dict(spec.options))
+    """Build the method `spec` names on `ctx.model`.
+
+    Args:
+        spec: A parsed `specs.MethodSpec`: its options are already coerced and validated.
+        ctx: The model and what the method may use to initialise it.
+
+    Returns:
+        The adapted model, with wall times and the method's report; `mutates_base` from the method's `base`.
+    """
+    method = METHODS[spec.method]
+    built = method.build(ctx, spec)
+    built.mutates_base = method.base.rewrites_base
+    return built
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -144,12 +204,11 @@ def _require_batches(ctx: BuildContext, which: str, method: str):
 
 
 def _plain(**flags):
-    def build(ctx: BuildContext, options: dict) -> BuiltModel:
+    def build(ctx: BuildContext, spec) -> BuiltModel:
         from peft import get_peft_model
 
         model, seconds = _timed(get_peft_model, ctx.model, lora_config(ctx, **flags))
-        mutates = flags.get("init_lora_weights") in ("pissa", "olora")
-        return BuiltModel(model, init_seconds=seconds, mutates_base=mutates)
+        return BuiltModel(model, init_seconds=seconds)
 
     return build
 
@@ -157,14 +216,14 @@ def _plain(**flags):
 register_method("lora", "LoRA (Hu et al., 2022): Kaiming-uniform A, zero B.")(_plain())
 register_method("rslora", "rsLoRA: LoRA with scaling α/√r.")(_plain(use_rslora=True))
 register_method("dora", "DoRA: magnitude/direction-decomposed LoRA (PEFT's use_dora).")(_plain(use_dora=True))
-register_method("pissa", "PiSSA: principal singular triplets of W, residual frozen (exact SVD).")(
-    _plain(init_lora_weights="pissa")
-)
-register_method("olora", "OLoRA: QR decomposition of W, residual frozen.")(_plain(init_lora_weights="olora"))
+register_method("pissa", "PiSSA: principal singular triplets of W, residual frozen (exact SVD).",
+                base=BaseRebuild.SCALED_B)(_plain(init_lora_weights="pissa"))
+register_method("olora", "OLoRA: QR decomposition of W, residual frozen.",
+                base=BaseRebuild.SCALED_B)(_plain(init_lora_weights="olora"))
 
 
 @register_method("full", "Full fine-tuning: every parameter trainable, no adapter.", peft=False)
-def _build_full(ctx: BuildContext, options: dict) -> BuiltModel:
+def _build_full(ctx: BuildContext, spec) -> BuiltModel:
     for param in ctx.model.parameters():
         param.requires_grad_(True)
     return BuiltModel(ctx.model)
@@ -173,15 +232,16 @@ def _build_full(ctx: BuildContext, options: dict) -> BuiltModel:
 # ------------------------------------------------------------------------------------------------- MiLoRA
 
 
-@register_method("milora", "MiLoRA: minor (smallest) singular triplets of W, residual frozen (ours; mirrors PiSSA).")
-def _build_milora(ctx: BuildContext, options: dict) -> BuiltModel:
+@register_method("milora", "MiLoRA: minor (smallest) singular triplets of W, residual frozen (ours; mirrors PiSSA).",
+                 base=BaseRebuild.SCALED_B)
+def _build_milora(ctx: BuildContext, spec) -> BuiltModel:
     from peft import get_peft_model
 
     model, t_peft = _timed(get_peft_model, ctx.model, lora_config(ctx))
     from .milora import milora_init
 
     _, t_init = _timed(milora_init, model)
-    return BuiltModel(model, init_seconds=t_peft + t_init, mutates_base=True)
+    return BuiltModel(model, init_seconds=t_peft + t_init)
 
 
 # --------------------------------------------------------------------------------------------------- Astra
@@ -198,15 +258,14 @@ def _astra_config_cls():
     "Astra: tail eigenvectors of the output-activation statistic (this package's core).",
     config_cls=_astra_config_cls,
     data="activations",
-    residual="product",
+    base=BaseRebuild.PRODUCT,
 )
-def _build_astra(ctx: BuildContext, options: dict) -> BuiltModel:
+def _build_astra(ctx: BuildContext, spec) -> BuiltModel:
     from peft import get_peft_model
 
-    from .. import AstraConfig, initialize_astra_weights
+    from .. import initialize_astra_weights
 
-    options.setdefault("seed", ctx.seed)
-    config = AstraConfig(**options)
+    config = spec.method_config(seed=ctx.seed)  # the run's seed unless the spec sets one
     batches = _require_batches(ctx, "calibration_batches", "astra")
     model, t_peft = _timed(get_peft_model, ctx.model, lora_config(ctx))
     report = initialize_astra_weights(model, batches(), config)
@@ -220,7 +279,6 @@ def _build_astra(ctx: BuildContext, options: dict) -> BuiltModel:
         model,
         calibration_seconds=report.calibration_seconds,
         init_seconds=t_peft + report.decomposition_seconds + report.write_seconds,
-        mutates_base=True,
         report=details,
     )
 
@@ -236,13 +294,13 @@ def _eva_config_cls():
 
 @register_method("eva", "EVA: SVD of layer inputs on data, rank redistribution (PEFT).", config_cls=_eva_config_cls,
                  data="activations")
-def _build_eva(ctx: BuildContext, options: dict) -> BuiltModel:
-    from peft import EvaConfig, get_peft_model
+def _build_eva(ctx: BuildContext, spec) -> BuiltModel:
+    from peft import get_peft_model
     from peft.tuners.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 
     batches = list(_require_batches(ctx, "calibration_batches", "eva")())
     model, t_peft = _timed(get_peft_model, ctx.model, lora_config(ctx, init_lora_weights="eva",
-                                                                   eva_config=EvaConfig(**options)))
+                                                                   eva_config=spec.method_config()))
     state, t_calib = _timed(get_eva_state_dict, model, dataloader=batches)
     _, t_init = _timed(initialize_lora_eva_weights, model, eva_state_dict=state)
     ranks = {k: int(v.shape[0]) for k, v in state.items()}
@@ -260,15 +318,14 @@ def _corda_config_cls():
     "CorDA: context-oriented SVD of W·C (corda_method=ipm, default, or kpm) on data (PEFT).",
     config_cls=_corda_config_cls,
     data="activations",
+    base=BaseRebuild.SCALED_B,
 )
-def _build_corda(ctx: BuildContext, options: dict) -> BuiltModel:
+def _build_corda(ctx: BuildContext, spec) -> BuiltModel:
     from peft import get_peft_model
-    from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    options.setdefault("corda_method", "ipm")
     batches = _require_batches(ctx, "calibration_batches", "corda")
-    config = lora_config(ctx, init_lora_weights="corda", corda_config=CordaConfig(**options))
+    config = lora_config(ctx, init_lora_weights="corda", corda_config=spec.method_config(corda_method="ipm"))
 
     @torch.no_grad()
     def run_model():
@@ -282,7 +339,7 @@ def _build_corda(ctx: BuildContext, options: dict) -> BuiltModel:
     _, t_calib = _timed(preprocess_corda, ctx.model, config, run_model=run_model)
     ctx.model.train(was_training)
     model, t_init = _timed(get_peft_model, ctx.model, config)
-    return BuiltModel(model, calibration_seconds=t_calib, init_seconds=t_init, mutates_base=True)
+    return BuiltModel(model, calibration_seconds=t_calib, init_seconds=t_init)
 
 
 def _loraga_config_cls():
@@ -296,15 +353,14 @@ def _loraga_config_cls():
     "LoRA-GA: SVD of the full fine-tuning gradient estimated on data (PEFT).",
     config_cls=_loraga_config_cls,
     data="gradients",
-    residual="product",
+    base=BaseRebuild.PRODUCT,
 )
-def _build_loraga(ctx: BuildContext, options: dict) -> BuiltModel:
+def _build_loraga(ctx: BuildContext, spec) -> BuiltModel:
     from peft import get_peft_model
-    from peft.tuners.lora.config import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
     batches = _require_batches(ctx, "gradient_batches", "lora-ga")
-    config = lora_config(ctx, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(**options))
+    config = lora_config(ctx, init_lora_weights="lora_ga", lora_ga_config=spec.method_config())
 
     def train_step():
         for batch in batches():
@@ -312,21 +368,41 @@ def _build_loraga(ctx: BuildContext, options: dict) -> BuiltModel:
 
     _, t_calib = _timed(preprocess_loraga, ctx.model, config, train_step)
     model, t_init = _timed(get_peft_model, ctx.model, config)
-    return BuiltModel(model, calibration_seconds=t_calib, init_seconds=t_init, mutates_base=True)
+    return BuiltModel(model, calibration_seconds=t_calib, init_seconds=t_init)
 
 
 # ------------------------------------------------------------------------------------ restoring an init
 
 
 @torch.no_grad()
-def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_base: bool):
-    """Rebuild what `build_method` made from its saved initial adapter, without calibrating again: a plain
-    PeftModel with the saved weights and, for methods that rewrote the base, W ← W − s·B₀A₀ formed as the
-    method forms it. This is what makes resuming an Astra run cheap."""
+def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_base: Optional[bool] = None):
+    """Rebuild what `build_method` made from its saved initial adapter, without calibrating again.
+
+    A plain PeftModel with the saved weights and, for methods that rewrote the base, the base rebuilt as the
+    method's declared `BaseRebuild` says (W ← W − s·B₀A₀, rounded as the method rounds it). This is what makes
+    resuming an Astra run cheap, and exact.
+
+    Args:
+        model: The original base model, freshly loaded (its weights untouched).
+        adapter_dir: The folder `save_pretrained` wrote right after `build_method`.
+        method: The registered method name that built it.
+        mutates_base: What the run directory recorded (init.json); must agree with the method's declaration.
+
+    Returns:
+        The PeftModel, ready to train or to resume from a checkpoint.
+
+    Raises:
+        ValueError: The saved adapter does not fit `model`, or the record and the method's declaration disagree.
+    """
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-    from peft.utils.other import transpose
     from peft.utils.save_and_load import load_peft_weights
 
+    rebuild = METHODS[method].base
+    if mutates_base is not None and mutates_base != rebuild.rewrites_base:
+        raise ValueError(
+            f"{adapter_dir}: the run recorded mutates_base={mutates_base}, but method {method!r} declares "
+            f"base={rebuild.name}; start the run again (--force) rather than rebuild a base that may not match."
+        )
     config = PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = False
     config.init_lora_weights = True  # the weights come from the file, not from running the init again
@@ -337,13 +413,5 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_
     result = set_peft_model_state_dict(peft_model, load_peft_weights(str(adapter_dir), device="cpu"))
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{adapter_dir} does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
-    if mutates_base:
-        product = METHODS[method].residual == "product"
-        for layer in lora_layers(peft_model, "default").values():
-            base = layer.get_base_layer()
-            s = layer.scaling["default"]
-            b, a = layer.lora_B["default"].weight.float(), layer.lora_A["default"].weight.float()
-            delta = s * (b @ a) if product else s * b @ a
-            weight = transpose(base.weight.to(torch.float32), layer.fan_in_fan_out) - delta
-            base.weight.data = transpose(weight.to(base.weight.dtype), layer.fan_in_fan_out)
+    rebuild.apply(peft_model, "default")
     return peft_model
