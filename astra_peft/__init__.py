@@ -19,6 +19,7 @@ _EXPORTS = {
     "AstraReport": "initialization",
     "ActivationStats": "stats",
     "collect_activation_stats": "calibration",
+    "calibration_batches": "data",
     "effective_rank": "spectrum",
     "effective_ranks": "spectrum",
     "initialize_astra_weights": "initialization",
@@ -32,6 +33,7 @@ __all__ = [
     "AstraReport",
     "ActivationStats",
     "collect_activation_stats",
+    "calibration_batches",
     "effective_rank",
     "effective_ranks",
     "initialize_astra_weights",
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .calibration import collect_activation_stats
     from .config import AstraConfig
     from .conversion import save_as_lora
+    from .data import calibration_batches
     from .initialization import AstraReport, initialize_astra_weights
     from .spectrum import effective_rank, effective_ranks
     from .stats import ActivationStats

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -19,10 +20,16 @@ from .config import AstraConfig
 from .layers import check_supported, layer_digest, out_in_dims, target_base_layers
 from .stats import Accumulator, ActivationStats, LayerRecord
 
-ForwardFn = Callable[[nn.Module, dict], object]
+ForwardFn = Callable[[nn.Module, Mapping], object]
 
 
 def default_forward(model: nn.Module, batch) -> object:
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"A calibration batch is a {type(batch).__name__}; the default forward needs a mapping of model inputs "
+            "such as {'input_ids': (batch, seq_len) tensor, 'attention_mask': ...}: use "
+            "`astra_peft.calibration_batches(data, tokenizer)`, or pass `forward_fn` for other batch types."
+        )
     return model(**batch)
 
 
@@ -57,6 +64,7 @@ def collect_activation_stats(
         first = next(batches, None)
         if first is None:
             raise ValueError("The calibration dataloader is empty.")
+        _padding_mask(first)  # a malformed batch fails here, not inside the model during probing
         forward_fn = forward_fn or default_forward
         groups = _shared_input_groups(model, layers, first, forward_fn) if family == "moments" else None
         collector = _Collector(layers, _plan(layers, groups, astra_config, family), astra_config)
@@ -152,7 +160,7 @@ def _shared_input_groups(model, layers: dict[str, nn.Module], batch, forward_fn)
 
 
 def _slice_batch(batch, max_len: int = 8):
-    if not isinstance(batch, dict):
+    if not isinstance(batch, Mapping):  # any Mapping: collators return BatchEncoding, a UserDict
         return batch
     ref = next((v for v in batch.values() if torch.is_tensor(v) and v.dim() >= 2), None)
     if ref is None:
@@ -333,11 +341,58 @@ class _Collector:
 
 def _padding_mask(batch) -> Optional[torch.Tensor]:
     """The batch's non-padding positions, or None when every position counts (then rows are a view of the
-    activations, not a gather copy of them)."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is None or mask.dim() != 2 or bool(mask.all()):
+    activations, not a gather copy of them).
+
+    Any Mapping counts, not only dict: transformers' collators return `BatchEncoding`, a UserDict, and
+    reading only dicts would count their padding. Raises if `input_ids`/`attention_mask` is not a
+    (batch, seq_len) tensor, since any other shape would make the mask silently ignored or misaligned.
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    for key in ("input_ids", "attention_mask"):
+        _check_batch_tensor(batch, key)
+    mask = batch.get("attention_mask")
+    if mask is None and _is_packed(batch):
+        # Several sequences in one row, told apart only by position_ids: eager/SDPA attention lets each attend
+        # to the ones before it, and padding to a multiple (position 0) looks like one-token sequences, so the
+        # statistics would describe text that does not exist.
+        raise ValueError(
+            "A calibration batch is packed (padding-free: several sequences per row, position_ids restarting, no "
+            "attention_mask), as TRL's `padding_free=True`/`packing=True` or `DataCollatorWithFlattening` make "
+            "it. Calibrate on padded batches instead: `astra_peft.calibration_batches(rows, tokenizer)`, or "
+            "TRL's `DataCollatorForLanguageModeling(pad_token_id=..., padding_free=False)`."
+        )
+    if mask is None or bool(mask.all()):
         return None
     return mask.bool()
+
+
+def _is_packed(batch: Mapping) -> bool:
+    if any(key in batch for key in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
+        return True
+    pos = batch.get("position_ids")
+    if not torch.is_tensor(pos) or pos.dim() != 2 or pos.shape[1] < 2:
+        return False
+    return bool((pos[:, 1:] != pos[:, :-1] + 1).any())
+
+
+def _check_batch_tensor(batch: Mapping, key: str) -> None:
+    value = batch.get(key)
+    if value is None:
+        return
+    hint = (
+        "collate rows into padded batches first, e.g. with `astra_peft.calibration_batches(data, tokenizer)` or "
+        "`DataLoader(rows, batch_size=..., collate_fn=DataCollatorWithPadding(tokenizer))`"
+    )
+    if not torch.is_tensor(value):
+        raise TypeError(
+            f"Calibration batch '{key}' is a {type(value).__name__}, not a tensor of shape (batch, seq_len); {hint}."
+        )
+    if value.dim() != 2:
+        single = " (one un-batched row? add a batch dimension with `.unsqueeze(0)`, or" if value.dim() == 1 else " ("
+        raise ValueError(
+            f"Calibration batch '{key}' has shape {tuple(value.shape)}; expected (batch, seq_len){single} {hint})."
+        )
 
 
 def _all_reduce(accumulators: list[Accumulator]) -> None:
