@@ -245,8 +245,28 @@ def test_finetune_classification(tiny, tmp_path, method):
 @pytest.mark.parametrize("method", ["eva", "corda", "corda:corda_method=kpm", "lora-ga", "rslora", "milora",
                                     "olora"])
 def test_every_other_method_trains(tiny, tmp_path, method):
+    """Each method trains (the adapter moves away from its initialisation), and the model it started from, rebuilt
+    from the saved initial adapter as the method declares (methods.BaseRebuild), gives the base model's outputs:
+    every method here promises unchanged outputs at init (B₀ = 0, or W ← W − s·B₀A₀)."""
+    from safetensors.torch import load_file
+
+    from astra_peft.harness.methods import METHODS, restore_initial_adapter
+    from astra_peft.harness.models import load_model
+
     summary = finetune(tiny, tmp_path / "run", method=method, max_steps=2, save_steps=0)
     assert summary["steps"] == 2 and summary["method"] == method
+    run = tmp_path / "run"
+    init, trained = (load_file(str(run / d / "adapter_model.safetensors")) for d in ("adapter_init", "adapter"))
+    assert init.keys() == trained.keys()
+    assert any(not torch.equal(init[k], trained[k]) for k in init if "lora_" in k), "training left the adapter as it was"
+    base, _ = load_model(tiny["llama"], task_kind="generation")
+    ids = torch.randint(4, 30, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+        started = restore_initial_adapter(base, run / "adapter_init", summary["base_method"]).eval()
+        assert METHODS[summary["base_method"]].base.rewrites_base == (summary["base_method"] in ("corda", "lora-ga",
+                                                                                                 "milora", "olora"))
+        torch.testing.assert_close(started(input_ids=ids).logits, reference, atol=1e-4, rtol=1e-4)
 
 
 def test_same_seed_same_metrics(tiny, tmp_path):
