@@ -239,3 +239,20 @@ def test_example_runs(capsys):
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     out = capsys.readouterr().out
     assert "same statistics as unpadded rows: True" in out
+
+
+def test_data_module_never_imports_datasets():
+    # `datasets` is an optional extra: a Dataset is read by duck typing (len, indexing, iteration of row dicts).
+    import ast
+
+    import astra_peft.data as data
+
+    tree = ast.parse(Path(data.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported and not {m for m in imported if m.split(".")[0] in ("datasets", "trl")}
+
+
+def test_calibration_batches_put_tensors_on_the_device():
+    batch = next(iter(calibration_batches(["w1 w2", "w3"], make_tokenizer(), device="meta")))
+    assert {v.device.type for v in batch.values()} == {"meta"}
