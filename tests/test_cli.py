@@ -74,6 +74,9 @@ def test_finetune_then_analyze(tiny, tmp_path, capsys):
     assert "trainable parameters" in done.stdout
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "astra:eigen_selection=largest"
+    # The thread count is chosen (here from OMP_NUM_THREADS=1), printed and recorded with the run.
+    assert "threads: 1 (from OMP_NUM_THREADS" in done.stdout
+    assert config["threads"] == 1 and config["threads_used"] == 1
     assert config["method_spec"]["options"]["eigen_selection"] == "largest"
     from astra_peft.harness.cli import main
 
@@ -86,6 +89,30 @@ def test_finetune_then_analyze(tiny, tmp_path, capsys):
     assert "self_attn.q_proj" in capsys.readouterr().out
     for name in ("effective_rank.md", "effective_rank.csv", "effective_rank.png"):
         assert (run / "analysis" / name).stat().st_size > 0
+
+
+def test_output_in_a_log_has_no_cursor_codes_and_no_progress_silences_every_bar(tiny, tmp_path):
+    """Captured output is not a terminal: bars must not move the cursor (ESC[A), and with --no-progress nothing
+    bar-like is printed at all (our bars, transformers' 'Loading weights', the library's calibration bar)."""
+    common = ["finetune", "--model", tiny["llama"], "--data", tiny["gen"], "--method", "astra", "--max-steps", "2",
+              "--batch-size", "4", "--rank", "4", "--alpha", "8", "--calibration-samples", "16", "--threads", "1"]
+    shown = astra(*common, "--output", tmp_path / "bars")
+    assert shown.returncode == 0, shown.stderr
+    assert "Loading weights" in shown.stderr and "calibration" in shown.stderr  # the check below can fail
+    for text in (shown.stdout, shown.stderr):
+        assert "\x1b[" not in text
+    assert "threads: 1 (--threads)" in shown.stdout
+    for noise in ("is_gradient_checkpointing", "Setting accelerator to CPU", "gemm_4bit_forward"):
+        assert noise not in shown.stdout + shown.stderr, noise
+    # The time breakdown in the order things happen, and what "initialization" means.
+    times = next(line for line in shown.stdout.splitlines() if "wall time:" in line)
+    order = [times.index(k) for k in ("calibration", "initialization", "training", "evaluation")]
+    assert order == sorted(order) and "initialization excludes calibration" in times
+
+    silent = astra(*common, "--output", tmp_path / "quiet", "--no-progress")
+    assert silent.returncode == 0, silent.stderr
+    for bar in ("%|", "it/s", "tok/s", "batch/s", "Loading weights"):
+        assert bar not in silent.stderr + silent.stdout, bar
 
 
 def test_compare_command(tiny, tmp_path):
@@ -160,8 +187,8 @@ def test_two_processes(tiny, tmp_path, launcher):
 def test_paper_presets_and_explicit_flags():
     from astra_peft.harness.cli import _config, build_parser
 
-    args = build_parser().parse_args(["finetune", "--model", "m", "--task", "mr", "--output", "o",
+    args = build_parser().parse_args(["finetune", "--model", "minilm-l6", "--task", "mr", "--output", "o",
                                       "--preset", "paper-nlg", "--lr", "1e-4"])
-    cfg = _config(args, model="m", task="mr", data=None, eval_data=None, method="lora", output="o")
+    cfg = _config(args, model="minilm-l6", task="mr", data=None, eval_data=None, method="lora", output="o")
     assert (cfg.rank, cfg.alpha, cfg.batch_size * cfg.grad_accum, cfg.max_length) == (128, 128.0, 128, 512)
     assert cfg.lr == 1e-4 and cfg.warmup == 0.03 and cfg.weight_decay == 0.0 and cfg.scheduler == "cosine"

@@ -81,6 +81,15 @@ def _add_data_flags(parser: argparse.ArgumentParser, many_tasks: bool = False) -
     group.add_argument("--eval-data", help="With --data: a JSONL test split (else dev and test are carved from it).")
 
 
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """--threads and --no-progress for the commands that do not take the training flags (which include both)."""
+    from .run_config import FinetuneConfig
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(FinetuneConfig)}
+    parser.add_argument("--threads", type=int, help=helps["threads"])
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="Do not show progress bars.")
+
+
 def _add_astra_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method options (shorthands for spec keys; a spec's own keys win)")
     group.add_argument("--eigen-selection", help="Astra: smallest (default), largest, middle, lower_quartile, "
@@ -104,6 +113,33 @@ def _with_shorthands(spec, args):
                               corda_method=getattr(args, "corda_method", None))
 
 
+def _start(args, command: str) -> int:
+    """The start of every command that computes: quiet the libraries, then choose the thread count (--threads,
+    else $OMP_NUM_THREADS, else the cores not busy), apply it to torch and to child processes, and print it: on
+    a busy CPU a run's speed depends on it more than on anything else. Returns the thread count."""
+    from .quiet import quiet_libraries
+    from .threads import apply_threads, choose_threads
+
+    quiet_libraries(getattr(args, "progress", True))
+    choice = choose_threads(getattr(args, "threads", None))
+    apply_threads(choice.threads)
+    print(f"astra {command}: {choice.describe()}", flush=True)
+    return choice.threads
+
+
+# Order in which a run's phases happen; "initialization" is writing the initial adapter, calibration excluded.
+PHASES = ("calibration", "initialization", "training", "evaluation")
+
+
+def _time_lines(seconds: dict, cpu_seconds: float | None = None) -> list[str]:
+    shown = [f"{k} {seconds[k]:.1f}s" for k in PHASES if k in seconds]
+    shown += [f"{k} {v:.1f}s" for k, v in seconds.items() if k not in PHASES]
+    lines = ["  wall time: " + ", ".join(shown) + "  (initialization excludes calibration)"]
+    if cpu_seconds is not None:
+        lines.append(f"  CPU time of this process: {cpu_seconds:.1f}s")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------- commands
 
 
@@ -111,17 +147,23 @@ def cmd_finetune(args) -> int:
     from .specs import parse_method_spec
     from .training import run_finetune
 
+    threads = _start(args, "finetune")
     spec = _with_shorthands(parse_method_spec(args.method), args)
     cfg = _config(args, model=args.model, task=args.task, data=args.data, eval_data=args.eval_data,
-                  method=spec.name, output=args.output)
+                  method=spec.name, output=args.output, threads=threads)
+    cpu_start = time.process_time()
     summary = run_finetune(cfg, force=args.force)
-    seconds = summary["seconds"]
     print(f"\nrun: {cfg.output}")
     for split, metrics in summary["final"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
-        print(f"  {split}: {shown}")
+        size = f" ({metrics['n']} rows)" if "n" in metrics else ""
+        print(f"  {split}{size}: {shown}")
     print(f"  trainable parameters: {summary['trainable_parameters']:,}")
-    print("  wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    degenerate = (summary.get("init_report") or {}).get("degenerate_layers")
+    if degenerate is not None:
+        print(f"  degenerate layers (too few distinct directions; see the run's init report): {len(degenerate)}")
+    for line in _time_lines(summary["seconds"], time.process_time() - cpu_start):
+        print(line)
     return 0
 
 
@@ -129,11 +171,16 @@ def cmd_compare(args) -> int:
     from .compare import run_compare
     from .specs import parse_method_list
 
+    threads = _start(args, "compare")
     specs = [_with_shorthands(s, args) for s in parse_method_list(args.methods)]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     cfg = _config(args, model=args.model, task=args.task or (tasks[0] if tasks else None), data=args.data,
-                  eval_data=args.eval_data, method=specs[0].name, output=args.output)
+                  eval_data=args.eval_data, method=specs[0].name, output=args.output, threads=threads)
+    n_runs = len(specs) * len(seeds) * (len(tasks) if tasks else 1)
+    print(f"astra compare: {n_runs} runs ({len(specs)} methods × {len(seeds)} seeds"
+          + (f" × {len(tasks)} tasks" if tasks else "") + f") of {cfg.model} → {args.output}; "
+          "finished runs are skipped, and an ETA follows each run.", flush=True)
     paths = run_compare(cfg, specs, seeds, tasks=tasks, output=args.output)
     print("\n" + Path(paths["summary_md"]).read_text())
     for name, path in paths.items():
@@ -142,32 +189,79 @@ def cmd_compare(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    import json
+
     from .evaluation import analyze_run
     from .report import effective_rank_table, write_effective_rank
 
-    before, after = analyze_run(args.run, split=args.split, samples=args.samples)
+    _start(args, "analyze")
+    before, after = analyze_run(args.run, split=args.split, samples=args.samples, progress=args.progress)
     rows = effective_rank_table(before, after)
-    paths = write_effective_rank(rows, Path(args.output or Path(args.run) / "analysis"),
-                                 title="Effective rank: " + "/".join(Path(args.run).resolve().parts[-3:]))
+    # Title with what was analysed (model, task, method), not the run's path; the row count is what the
+    # effective ranks were measured on, which may be fewer than --samples on a small split.
+    title = "Effective rank"
+    config_path = Path(args.run) / "config.json"
+    if config_path.is_file():
+        run_cfg = json.loads(config_path.read_text())
+        what = [str(run_cfg.get(k)) for k in ("model", "task_name", "method") if run_cfg.get(k)]
+        title += ": " + " · ".join(Path(w).name if "/" in w else w for w in what)
+    n_rows = None
+    if config_path.is_file():
+        size = run_cfg.get("splits", {}).get(args.split, {}).get("size")
+        n_rows = min(args.samples, size) if isinstance(size, int) else None
+    if n_rows is not None:
+        title += f" ({n_rows} {args.split} rows)"
+        print(f"astra analyze: effective rank measured on {n_rows} rows of the {args.split} split")
+    paths = write_effective_rank(rows, Path(args.output or Path(args.run) / "analysis"), title=title)
     print(Path(paths["md"]).read_text())
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
 
 
+# The README's demo time on an idle 2-core CPU, in minutes (keep the two in step when the demo changes).
+DEMO_IDLE_MINUTES = 7
+
+
+def _demo_estimate() -> str:
+    """A rough duration, said before the demo starts: the measured idle time, and a warning when the machine is
+    busy (on 2 cores at load 4-8 the same demo took many times longer; see README)."""
+    text = f"Roughly {DEMO_IDLE_MINUTES} min on an idle 2-core CPU"
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return text + "; an ETA follows each run."
+    if load > 0.5 * cpus:
+        text += (f"; this machine is busy (load {load:.1f} on {cpus} CPUs), so expect it to take several times "
+                 "longer")
+    return text + "; an ETA follows each run."
+
+
 def cmd_demo(args) -> int:
     from .compare import DEMO, demo_config, run_compare
 
-    start = time.perf_counter()
+    import dataclasses
+
+    from .models import BUILTIN_MODELS, cache_dir
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    threads = _start(args, "demo")
     cfg, methods, seeds = demo_config(args.output, max_steps=args.max_steps, task=args.task)
+    cfg = dataclasses.replace(cfg, threads=threads, progress=args.progress)
     methods = args.methods or methods
+    n_methods = len([m for m in methods.split(",") if m.strip()])
+    cached = (cache_dir() / "models" / BUILTIN_MODELS[DEMO["model"]].name / "config.json").is_file()
     print(f"astra demo: {DEMO['model']} on {cfg.task}, methods {methods}, {cfg.max_steps} steps each, adapting "
           f"{','.join(cfg.target_modules) if cfg.target_modules else 'every linear layer of the blocks'} → {args.output}")
+    fetch = "" if cached else f"fetch and convert {DEMO['model']} into {cache_dir()} (once), "
+    print(f"astra demo: plan: {fetch}{n_methods * len(seeds)} runs of {cfg.max_steps} steps, then one evaluation "
+          f"each. {_demo_estimate()}", flush=True)
     paths = run_compare(cfg, methods, seeds, output=args.output)
     print("\n" + Path(paths["summary_md"]).read_text())
     print(f"plots: {paths['loss_png']}  {paths['grad_norm_png']}")
     print(f"table: {paths['summary_md']}  {paths['summary_csv']}")
-    print(f"demo wall time: {time.perf_counter() - start:.0f}s")
+    print(f"demo wall time: {time.perf_counter() - start:.0f}s, CPU time of this process: "
+          f"{time.process_time() - cpu_start:.0f}s")
     return 0
 
 
@@ -234,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", help="Split whose rows are fed through the model (default: dev).")
     p.add_argument("--samples", type=int, default=64, help="Rows to use (default: 64).")
     p.add_argument("--output", help="Where to write the table and chart (default: RUN/analysis).")
+    _add_run_flags(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="SmolLM2-135M: astra vs lora vs pissa, briefly; prints the table and plots.")
@@ -241,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="Training steps per method.")
     p.add_argument("--methods", help="Override the methods (comma-separated specs).")
     p.add_argument("--task", help="Override the task.")
+    _add_run_flags(p)
     p.set_defaults(func=cmd_demo)
 
     for name, func, text in (("models", cmd_models, "List built-in models."),
@@ -254,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from .quiet import prepare_output  # light; must run before anything imports tqdm or transformers
+
+    prepare_output(getattr(args, "progress", True))
     try:
         return args.func(args)
     except KeyboardInterrupt:
