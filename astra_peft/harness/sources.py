@@ -6,6 +6,7 @@ Debian's `python3-pattern`. Only the few files needed are kept under `<cache>/da
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -84,6 +85,14 @@ def pang_lee_file() -> Path:
 _APT_NO_LISTS = re.compile(r"Unable to locate package|has no installation candidate|Can't select|404\s+Not Found")
 
 
+def _apt_as_root() -> list[str]:
+    """As root, apt downloads as the unprivileged `_apt` user, which cannot write into our cache (under root's
+    private home, in a 0700 temp folder); apt then falls back to root and warns "Download is performed
+    unsandboxed as root". Asking for root directly does the same download without the warning a user cannot
+    act on. As any other user there is no sandbox to ask for."""
+    return ["-o", "APT::Sandbox::User=root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+
+
 def _apt_download(package: str) -> Path:
     dl = downloads_dir()
     dl.mkdir(parents=True, exist_ok=True)
@@ -93,7 +102,7 @@ def _apt_download(package: str) -> Path:
               f"(`apt-get download {package}`) and put it in {dl}/, or copy the CSV to "
               f"{cache_dir() / 'data' / 'pattern' / PANG_LEE_CSV}")
     with tempfile.TemporaryDirectory(dir=dl, prefix=".apt-") as tmp:
-        cmd = ["apt-get", "download", package]
+        cmd = ["apt-get", "download", *_apt_as_root(), package]
         code, output = run_streaming(cmd, cwd=tmp)
         if code != 0 and _APT_NO_LISTS.search(output):  # empty or stale package lists: refresh once and retry
             update = ["apt-get", "update"]
