@@ -24,6 +24,8 @@ _EXPORTS = {
     "effective_ranks": "spectrum",
     "initialize_astra_weights": "initialization",
     "save_as_lora": "conversion",
+    "quantize_astra_model": "quantized",
+    "initialize_astra_on_quantized": "quantized",
 }
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "effective_ranks",
     "initialize_astra_weights",
     "save_as_lora",
+    "quantize_astra_model",
+    "initialize_astra_on_quantized",
 ]
 __version__ = "0.1.0"
 
@@ -48,6 +52,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .conversion import save_as_lora
     from .data import calibration_batches
     from .initialization import AstraReport, initialize_astra_weights
+    from .quantized import initialize_astra_on_quantized, quantize_astra_model
     from .spectrum import effective_rank, effective_ranks
     from .stats import ActivationStats
 

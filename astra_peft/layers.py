@@ -62,7 +62,10 @@ def check_supported(name: str, layer: nn.Module) -> None:
         raise TypeError(
             f"Layer '{name}' is a {type(layer).__module__}.{type(layer).__name__}; Astra supports "
             "torch.nn.Linear and transformers Conv1D base layers (quantized layers are not supported: "
-            "Astra rewrites the frozen weight W ← W − s·B·A, which a quantized weight cannot hold exactly)."
+            "Astra rewrites the frozen weight W ← W − s·B·A, which a quantized weight cannot hold exactly). "
+            "For a 4-bit (QLoRA) base, initialise Astra on the full-precision model and reload its residual "
+            "in 4-bit with astra_peft.quantized.quantize_astra_model, or keep the 4-bit base untouched with "
+            "astra_peft.quantized.initialize_astra_on_quantized."
         )
     if not layer.weight.dtype.is_floating_point:
         raise TypeError(f"Layer '{name}' has a {layer.weight.dtype} weight; Astra needs a floating-point weight.")

@@ -111,7 +111,8 @@ def finetune(tiny, out, method="lora", model="llama", data="gen", **kw):
                     batch_size=4, lr=5e-3, rank=4, alpha=8, calibration_samples=32, progress=False, save_steps=3)
     settings.update(kw)
     callbacks = settings.pop("callbacks", ())
-    return run_finetune(FinetuneConfig(**settings), callbacks=callbacks)
+    force = settings.pop("force", False)
+    return run_finetune(FinetuneConfig(**settings), callbacks=callbacks, force=force)
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -380,10 +381,13 @@ def test_restart_before_any_checkpoint_reuses_the_initialisation(tiny, tmp_path,
     assert summary["seconds"]["calibration"] > 0  # the original cost, kept in init.json
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
     monkeypatch.undo()
-    # an unfinished directory rerun with another configuration initialises afresh
+    # an unfinished directory rerun with another configuration is refused, naming what differs; started afresh
+    # on request, it initialises afresh
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny, tmp_path / "other", method="astra", callbacks=[CtrlC()])
-    assert not finetune(tiny, tmp_path / "other", method="astra", seed=1, max_steps=2)["init_restored"]
+    with pytest.raises(ValueError, match=r"other settings \(max_steps: 6 → 2; seed: 0 → 1\)"):
+        finetune(tiny, tmp_path / "other", method="astra", seed=1, max_steps=2)
+    assert not finetune(tiny, tmp_path / "other", method="astra", seed=1, max_steps=2, force=True)["init_restored"]
 
 
 def test_task_labels_for_directories():

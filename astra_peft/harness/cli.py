@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="astra", help=METHOD_HELP)
     _add_astra_flags(p)
     p.add_argument("--output", required=True, help="Run directory.")
-    p.add_argument("--force", action="store_true", help="Start again even if the run is finished.")
+    p.add_argument("--restart", "--force", dest="force", action="store_true",
+                   help="Start the run afresh, even if it is finished or was made with other settings. Removes only "
+                        "the files astra made in --output; a folder astra did not make is never touched.")
     _add_config_flags(p)
     p.set_defaults(func=cmd_finetune)
 

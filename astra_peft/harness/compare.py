@@ -9,19 +9,21 @@ import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .rundir import CompareDir, RunDir, RunLocked, UserError, check_output, safe_name, settings_diff
 from .specs import MethodSpec, parse_method_list
-from .rundir import is_finished, write_json_atomic
-from .training import FinetuneConfig, run_finetune
+from .training import FinetuneConfig, _load_task, run_finetune, run_settings
 
 
 def task_label(task: Optional[str], data: Optional[str]) -> str:
-    """The task's name in directories and tables: a built-in name, or a JSONL file's stem (as its Task.name)."""
+    """The task's name in directories and tables: a built-in name, or a JSONL file's stem (as its Task.name),
+    made a single harmless path component (an absolute path or '..' never climbs out of the output folder)."""
     name = task or data
-    return Path(name).stem if name.endswith(".jsonl") else name
+    return safe_name(Path(name).stem if name.endswith(".jsonl") else Path(name).name or name)
 
 
 def run_dir(output, task: str, spec: MethodSpec, seed: int) -> Path:
-    return Path(output) / "runs" / task / spec.slug / f"seed{seed}"
+    """runs/TASK/METHOD/seedN under `output`, from sanitised names, checked to stay inside it."""
+    return CompareDir(output).run_dir(task, spec.slug, seed).path
 
 
 def run_compare(
@@ -34,56 +36,109 @@ def run_compare(
     log=print,
 ) -> dict:
     """Run what is not finished yet and write summary.md/.csv, loss.png and grad_norm.png under `output`.
-    `base` holds the shared settings (its task/data/method/seed/output are replaced per run). A failing run is
-    reported and the others go on; Ctrl-C stops at once and leaves the interrupted run resumable."""
-    from .report import collect_runs, write_summary
+    `base` holds the shared settings (its task/data/method/seed/output are replaced per run). A finished run made
+    with other settings (another --lr, other data) is run again; one made with these is skipped. A failing run
+    is reported and the others go on; Ctrl-C stops at once and leaves the interrupted run resumable.
+
+    Raises:
+        UserError: `output` is not a comparison folder astra made (and not new or empty), lies in the model or
+            data, or two tasks would share one folder name.
+        RuntimeError: After the other runs, if some runs failed (each named).
+    """
+    from .report import write_summary
 
     if isinstance(methods, str):
         methods = parse_method_list(methods)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     task_args = [(t, None) for t in tasks] if tasks else [(base.task, None) if base.task else (None, base.data)]
-    plan = [(t, d, spec, seed) for t, d in task_args for spec in methods for seed in seeds]
-    write_json_atomic(output / "compare.json", {
+    files = [base.data, base.eval_data, base.calibration_data] + [t for t, _ in task_args if t]
+    folder = CompareDir(check_output(output, model=base.model, files=files))
+    labels = [task_label(t, d) for t, d in task_args]
+    if len(set(labels)) < len(labels):
+        clash = next(label for label in labels if labels.count(label) > 1)
+        raise UserError(f"two tasks would share the run folder name {clash!r}; give them files with other names")
+    folder.claim_folder()
+    folder.check_report_files()  # before any run: a refusal at the end would waste them
+    plan = [(t, d, label, spec, seed) for (t, d), label in zip(task_args, labels) for spec in methods for seed in seeds]
+    folder.write_compare({
         "base": dataclasses.asdict(base),
         "methods": [s.name for s in methods],
         "seeds": list(seeds),
-        "tasks": [task_label(t, d) for t, d in task_args],
+        "tasks": labels,
         "argv": sys.argv,
     })
-    failures = []
-    for i, (task, data, spec, seed) in enumerate(plan, 1):
-        label = task_label(task, data)
-        where = run_dir(output, label, spec, seed)
+    failures, done = [], []
+    started, run_seconds = time.perf_counter(), []  # runs computed in this invocation, for the ETA
+    for i, (task, data, label, spec, seed) in enumerate(plan, 1):
+        run = folder.run_dir(label, spec.slug, seed)
         tag = f"[{i}/{len(plan)}] {label} · {spec.name} · seed {seed}"
-        if is_finished(where):
-            log(f"{tag}: finished before, skipped ({where})")
-            continue
-        log(f"{tag}: running → {where}")
         cfg = dataclasses.replace(base, task=task, data=data if data else base.data, method=spec.name, seed=seed,
-                                  output=str(where))
+                                  output=str(run.path))
         start = time.perf_counter()
         try:
-            summary = run_finetune(cfg)
+            why = _rerun_reason(run, cfg)
+            if why is None:
+                log(f"{tag}: finished before, skipped ({run.path})")
+                done.append(run)
+                continue
+            log(f"{tag}: {why} → {run.path}")
+            summary = run_finetune(cfg, restart_if_changed=True)
+        except RunLocked as err:  # another `astra compare` on this folder is running it: its result, not ours
+            log(f"{tag}: skipped: {err}")
+            continue
         except (ValueError, RuntimeError, OSError) as err:
             failures.append((tag, err))
             log(f"{tag}: FAILED: {err}")
-            (where / "error.txt").write_text(traceback.format_exc())
+            if run.is_ours():
+                run.write_error(traceback.format_exc())
             continue
+        done.append(run)
         acc = summary.get("accuracy")
-        log(f"{tag}: done in {time.perf_counter() - start:.0f}s"
-            + (f", {base.eval_split} accuracy {100 * acc:.2f}%" if acc is not None else ""))
-    runs = [r for r in collect_runs(output / "runs")
-            if r["method"] in {s.name for s in methods} and r["seed"] in set(seeds)]
+        run_seconds.append(time.perf_counter() - start)
+        log(f"{tag}: done in {run_seconds[-1]:.0f}s"
+            + (f", {base.eval_split} accuracy {100 * acc:.2f}%" if acc is not None else "")
+            + _eta(started, run_seconds, len(plan) - i))
+    runs = [_with_history(r) for r in done]
     paths = {}
     if runs:
-        paths = write_summary(output, runs, split=base.eval_split, methods=[s.name for s in methods],
-                              tasks=[task_label(t, d) for t, d in task_args],
-                              title=f"{base.model}: " + ", ".join(s.name for s in methods))
+        folder.check_report_files()
+        paths = write_summary(folder.path, runs, split=base.eval_split, methods=[s.name for s in methods],
+                              tasks=labels, title=f"{base.model}: " + ", ".join(s.name for s in methods))
+        folder.record_report_files()
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(plan)} runs failed: "
                            + "; ".join(f"{tag}: {err}" for tag, err in failures))
     return paths
+
+
+def _rerun_reason(run: RunDir, cfg: FinetuneConfig) -> Optional[str]:
+    """None if `run` is finished with exactly `cfg`'s settings; else why it runs (again)."""
+    marker = run.read_marker() if run.is_ours() else None
+    if marker and marker.get("settings"):
+        diff = settings_diff(marker["settings"], run_settings(cfg, _load_task(cfg)))
+        if diff:
+            return f"settings changed ({diff}), running again"
+    if run.is_finished():
+        return None
+    return "resuming" if marker else "running"
+
+
+def _with_history(run: RunDir) -> dict:
+    summary = run.read_summary()
+    summary["history"] = run.read_metrics()
+    return summary
+
+
+def _eta(started: float, run_seconds: list, remaining: int) -> str:
+    """'; elapsed 3m10s, about 6m20s left for 2 run(s)': the mean of this invocation's computed runs times the
+    runs left. Rough (data-driven methods also calibrate; a finished run left to skip costs nothing)."""
+    def clock(seconds: float) -> str:
+        seconds = int(round(seconds))
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+    text = f"; elapsed {clock(time.perf_counter() - started)}"
+    if remaining and run_seconds:
+        text += f", about {clock(remaining * sum(run_seconds) / len(run_seconds))} left for {remaining} run(s)"
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------- demo

@@ -3,7 +3,6 @@ evaluation (accuracy by likelihood, not only loss) and every log line written to
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -16,17 +15,34 @@ import torch
 _DROPPED_KEYS = ("runtime", "per_second", "train_loss", "total_flos")
 
 
-def make_trainer(*, model, cfg, run: Path, lr: float, train_features, collate, evaluator,
+def cpu_only() -> bool:
+    """True on a machine with neither CUDA nor MPS: the Trainer and the process group must be told to use CPU."""
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
+class _NothingLeftToTrain(Exception):
+    """Raised at the start of a resumed training whose checkpoint is already at the last step."""
+
+
+def make_trainer(*, model, cfg, run, lr: float, train_features, collate, evaluator,
                  prior_train_seconds: float = 0.0, callbacks: Sequence = ()):
     """A plain transformers Trainer (so `accelerate launch` / `torchrun` work unchanged) whose evaluation is
-    ours (accuracy by likelihood, not just loss) and whose logs go to metrics.jsonl."""
+    ours (accuracy by likelihood, not just loss) and whose logs go to the run folder's metrics.jsonl (`run` is a
+    rundir.RunDir)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .rundir import write_json_atomic
-    from .training import cpu_only
+    from .._io import write_json_atomic
+    from .rundir import RunDir
 
     class HarnessTrainer(Trainer):
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            except _NothingLeftToTrain:
+                return None  # the checkpoint's weights and state are loaded: the run continues from there
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             metrics = evaluator(self.model)
             self.log(metrics)
@@ -43,8 +59,16 @@ def make_trainer(*, model, cfg, run: Path, lr: float, train_features, collate, e
             if set(record) <= {"epoch"}:
                 return
             record["step"] = state.global_step
-            with open(run / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record, sort_keys=True) + "\n")
+            run.append_metric(record)
+
+    class StopIfDone(TrainerCallback):
+        """A checkpoint saved at the last step (the run was killed after it, before its summary) resumes into
+        the Trainer's epoch loop, which takes one more step before it checks for the end (121 of 120): stop
+        before the first one. The checkpoint's weights are loaded by then."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise _NothingLeftToTrain
 
     class Clock(TrainerCallback):
         """Keeps the training wall time with each checkpoint, so a resumed run reports its whole cost."""
@@ -56,10 +80,10 @@ def make_trainer(*, model, cfg, run: Path, lr: float, train_features, collate, e
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and ckpt.is_dir():
                 seconds = prior_train_seconds + time.perf_counter() - self.start
-                write_json_atomic(ckpt / "harness_clock.json", {"train_seconds": seconds})
+                write_json_atomic(ckpt / RunDir.CLOCK, {"train_seconds": seconds})
 
     args = TrainingArguments(
-        output_dir=str(run / "checkpoints"),
+        output_dir=str(run.file(RunDir.CHECKPOINTS)),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         max_steps=cfg.max_steps,
@@ -93,7 +117,7 @@ def make_trainer(*, model, cfg, run: Path, lr: float, train_features, collate, e
         train_dataset=train_features,
         eval_dataset=train_features[:1] if cfg.eval_steps > 0 else None,  # unused: our evaluate() has its data
         data_collator=collate,
-        callbacks=[MetricsWriter(), Clock(), *callbacks],
+        callbacks=[MetricsWriter(), Clock(), StopIfDone(), *callbacks],
     )
     # The stock callbacks print every step's log dict under the bar (or to stdout without one); those
     # numbers are in metrics.jsonl, so the bar just shows the latest loss.

@@ -1,24 +1,17 @@
-"""Fine-tune one model with one method on one task: a run directory, built on transformers' Trainer.
+"""Fine-tune one model with one method on one task into a run folder, built on transformers' Trainer.
 
-A run directory holds, in the order they are written:
-  config.json      the resolved configuration (method spec, hyperparameters, data fingerprints, versions)
-  adapter_init/    the adapter right after initialisation (methods that rewrite the base weights)
-  checkpoints/     Trainer checkpoints, for resuming; removed once the run is finished
-  metrics.jsonl    one line per step (loss, grad_norm, learning_rate) and per evaluation
-  adapter/         the trained adapter in PEFT format (for the residual base when the method rewrote it)
-  adapter_lora/    the same adapter as a rank-2r plain LoRA of the original base model, where that applies
-  summary.json     final metrics, wall times, parameter counts: written last and atomically, so a run
-                   directory with a summary.json is finished and one without is not.
+`run_finetune` claims the folder (rundir.RunDir: the marker, the lock, the settings it was made with), then runs
+the phases in order: load (task, model), resume point, initialise or restore, train, final evaluation, save. The
+folder's files, and the order in which they are written, are described in rundir.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +21,8 @@ import torch
 
 from .evaluation import Collator, encode_row, evaluate, pad_id
 from .methods import METHODS, BuildContext, BuiltModel, build_method, restore_initial_adapter
-from .rundir import is_finished, last_valid_checkpoint, read_jsonl, write_json_atomic
+from .rundir import RunDir, check_output
+from .trainer import cpu_only  # noqa: F401  (re-exported: it used to live here)
 from .run_config import FinetuneConfig  # noqa: F401  (the dataclass lives in a light module; see there)
 from .specs import parse_method_spec
 
@@ -93,143 +87,131 @@ def _versions() -> dict:
 
 # ------------------------------------------------------------------------------------------- the run
 
+# FinetuneConfig fields that say how a run is carried out, not what it computes: changing them never makes a
+# run folder's results stale. (data/eval_data are paths: their content is fingerprinted instead, in "data".)
+_HOW = ("output", "progress", "save_steps", "threads", "data", "eval_data", "model")
 
-def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool = False) -> dict:
-    """Fine-tune as `cfg` says and return the summary. A finished run is returned as it is (unless `force`);
-    an unfinished one resumes from its last checkpoint, or starts again if it has none."""
+
+def run_settings(cfg: FinetuneConfig, task) -> dict:
+    """What a run folder's results depend on: the settings, the data's content, the model and the versions of the
+    code. Stored in the folder's marker; a rerun with other settings is refused (or started afresh)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _HOW}
+    settings["model"] = _model_identity(cfg.model)
+    settings["data"] = {"task": task.name, "kind": task.kind, "labels": task.labels,
+                        **{split: info["sha256"] for split, info in task.split_info().items()}}
+    settings["versions"] = _versions()
+    return settings
+
+
+def _model_identity(model: str):
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model  # a built-in name
+    config = path / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
+    return {"path": str(path.resolve()), "config_sha256": digest}
+
+
+def _effective(cfg: FinetuneConfig, spec) -> dict:
+    """The values a method spec may override for itself (lr/rank/alpha, calibration) merged over the flags'."""
+    return {"lr": spec.overrides.get("lr", cfg.lr), "rank": spec.overrides.get("rank", cfg.rank),
+            "alpha": spec.overrides.get("alpha", cfg.alpha),
+            "calibration_samples": spec.calibration.get("calibration_samples", cfg.calibration_samples),
+            "calibration_data": spec.calibration.get("calibration_data", cfg.calibration_data)}
+
+
+def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool = False,
+                 restart_if_changed: bool = False) -> dict:
+    """Fine-tune as `cfg` says and return the summary.
+
+    The run folder (`cfg.output`) must be new, empty, or a run folder astra made (see `rundir`). A finished run
+    made with these settings is returned as it is; an unfinished one resumes from its last whole checkpoint.
+
+    Args:
+        cfg: The run's configuration.
+        callbacks: Extra transformers TrainerCallbacks.
+        force: Start afresh even if the run is finished or was made with other settings (removes only the
+            files astra made in the folder).
+        restart_if_changed: Start afresh if the folder was made with other settings (`astra compare`).
+
+    Returns:
+        The summary (also in summary.json).
+
+    Raises:
+        UserError: The folder is not a run folder, lies in the model/data, was made with other settings (and
+            neither flag is set), is being written by another process, or holds only damaged checkpoints.
+    """
     from accelerate import PartialState
-    from transformers import set_seed
 
-    from .models import default_target_modules, load_model
-
-    run = Path(cfg.output)
-    if is_finished(run) and not force:
-        return json.loads((run / "summary.json").read_text())
-    if force and run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
     # On a machine without accelerators, torchrun/accelerate launch processes only form a group (gloo) when the
     # state is created with cpu=True; the Trainer below is told the same through `use_cpu`.
     state = PartialState(cpu=cpu_only())
+    if cfg.threads is not None:  # the CLI chose it (harness/threads.py); library callers may too
+        from .threads import apply_threads
 
+        apply_threads(cfg.threads)
     spec = parse_method_spec(cfg.method)
-    lr = spec.overrides.get("lr", cfg.lr)
-    rank = spec.overrides.get("rank", cfg.rank)
-    alpha = spec.overrides.get("alpha", cfg.alpha)
-    calibration_samples = spec.calibration.get("calibration_samples", cfg.calibration_samples)
-    calibration_data = spec.calibration.get("calibration_data", cfg.calibration_data)
-
+    effective = _effective(cfg, spec)
+    run = RunDir(check_output(cfg.output, model=cfg.model,
+                              files=(cfg.data, cfg.eval_data, effective["calibration_data"])))
+    run.check_writable()  # someone else's folder is refused before anything is loaded or written
     task = _load_task(cfg)
+    settings = run_settings(cfg, task)
+    # One writer per run folder. Under torchrun every process runs this; the main one owns the folder.
+    with run.lock() if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process:
+            run.claim(settings, restart=force, restart_if_changed=restart_if_changed)
+        state.wait_for_everyone()
+        if run.is_finished():
+            return run.read_summary()
+        return _run(cfg, spec, effective, task, run, state, callbacks)
+
+
+def _run(cfg: FinetuneConfig, spec, effective: dict, task, run: RunDir, state, callbacks) -> dict:
+    """The phases of a run: load, resume point, initialise (or restore), train, evaluate, save."""
     if cfg.eval_split not in task.splits or not task.splits[cfg.eval_split]:
         raise ValueError(f"task {task.name!r} has no {cfg.eval_split!r} split to evaluate on")
-    num_labels = len(task.labels) if task.kind == "classification" else None
-    dtype = getattr(torch, cfg.dtype)
-
-    set_seed(cfg.seed)  # the classification head and LoRA's random A are drawn from here
-    model, tokenizer = load_model(cfg.model, task_kind=task.kind, num_labels=num_labels, dtype=dtype)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = pad_id(tokenizer)  # sequence classification finds the last real token by it
-    model.to(state.device)
-    target_modules = cfg.target_modules or default_target_modules(model)
-
-    train_rows = list(task.splits["train"])
-    if cfg.train_samples:
-        train_rows = _sample(train_rows, cfg.train_samples, cfg.seed)
-    train_features = [encode_row(tokenizer, r, task.kind, cfg.max_length) for r in train_rows]
-    if not train_features:
-        raise ValueError(f"task {task.name!r} has an empty train split")
-
-    checkpoint = last_valid_checkpoint(run)
-    metrics_path = run / "metrics.jsonl"
-    if checkpoint is None:  # a fresh start: nothing of an earlier attempt may leak into this one
-        # adapter_init/ stays: init.json's fingerprint decides below whether it can spare a new initialisation.
-        for stale in ("metrics.jsonl", "adapter", "adapter_lora", "model", "checkpoints"):
-            target = run / stale
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        prior_train_seconds = 0.0
-    else:  # drop what was logged after the checkpoint we resume from
-        trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-        step = trainer_state["global_step"]
-        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step and not any(k.startswith("final_") for k in r)]
-        metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        clock = checkpoint / "harness_clock.json"
-        prior_train_seconds = json.loads(clock.read_text())["train_seconds"] if clock.exists() else 0.0
+    model, tokenizer, target_modules = _load(cfg, task, state)
+    train_features = _encode(cfg, task, tokenizer)
+    checkpoint, prior_train_seconds = _resume_point(run, state)
 
     resolved = {
         **asdict(cfg),
         "method_spec": {"name": spec.name, "method": spec.method, "options": spec.options},
-        "effective": {"lr": lr, "rank": rank, "alpha": alpha, "calibration_samples": calibration_samples,
-                      "calibration_data": calibration_data, "target_modules": target_modules},
+        "effective": {**effective, "target_modules": target_modules},
+        "threads_used": torch.get_num_threads(),  # what torch ran with, whether or not cfg.threads was set
         "task_name": task.name,
         "task_kind": task.kind,
         "splits": task.split_info(),
         "versions": _versions(),
     }
     if state.is_main_process:
-        write_json_atomic(run / "config.json", resolved)
+        run.write_config(resolved)
 
     collate = Collator(pad_id(tokenizer))
-    calibration_batches = gradient_batches = None
-    if _needs_data(spec):
-        if calibration_data:
-            calib_features = _calibration_features(tokenizer, calibration_data, calibration_samples, cfg.seed,
-                                                   cfg.max_length)
-        else:
-            calib_features = _sample(train_features, calibration_samples, cfg.seed)
-        no_labels = Collator(pad_id(tokenizer), with_labels=False)
-        calibration_batches = _batched(calib_features, cfg.calibration_batch_size, no_labels, state.device,
-                                       "calibration", cfg.progress)
-        gradient_batches = _batched(_sample(train_features, calibration_samples, cfg.seed), cfg.batch_size,
-                                    collate, state.device, "gradient estimation", cfg.progress)
-
-    set_seed(cfg.seed)
-    ctx = BuildContext(model=model, task_kind=task.kind, target_modules=target_modules, rank=rank, alpha=alpha,
-                       seed=cfg.seed, calibration_batches=calibration_batches, gradient_batches=gradient_batches)
-    built = _build_or_restore(spec, ctx, run, _init_fingerprint(resolved), state.is_main_process)
-    model = built.model
-    is_peft = hasattr(model, "peft_config")
-    trainable, total = count_parameters(model)
-
-    from .trainer import make_trainer
-
-    trainer = make_trainer(
-        model=model, cfg=cfg, run=run, lr=lr, train_features=train_features, collate=collate,
-        evaluator=lambda m: _prefixed(evaluate(m, tokenizer, task, cfg.eval_split, batch_size=cfg.eval_batch_size,
-                                               max_length=cfg.max_length, max_samples=cfg.eval_samples,
-                                               progress=cfg.progress), cfg.eval_split),
-        prior_train_seconds=prior_train_seconds, callbacks=callbacks,
-    )
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = prior_train_seconds + time.perf_counter() - start
-
-    # Final evaluation: the chosen split, then test if it is another one.
-    start = time.perf_counter()
-    final = {}
-    for split in dict.fromkeys([cfg.eval_split, "test"]):
-        if task.splits.get(split):
-            final[split] = evaluate(model, tokenizer, task, split, batch_size=cfg.eval_batch_size,
-                                    max_length=cfg.max_length, max_samples=cfg.eval_samples,
-                                    progress=cfg.progress)
-            trainer.log({f"final_{split}_{k}": v for k, v in final[split].items() if k != "n"})
-    eval_seconds = time.perf_counter() - start
+    built = _initialise(cfg, spec, effective, model, tokenizer, task, target_modules, train_features, collate, run,
+                        resolved, state)
+    trainable, total = count_parameters(built.model)
+    trainer, train_seconds = _train(cfg, effective, built.model, tokenizer, task, run, train_features, collate,
+                                    checkpoint, prior_train_seconds, callbacks)
+    steps = trainer.state.global_step
+    final, eval_seconds = _final_evaluation(cfg, trainer, built.model, tokenizer, task)
 
     if state.is_main_process:
         if cfg.save_weights:
-            _save_weights(model, tokenizer, run, is_peft, built.mutates_base)
-        history = read_jsonl(metrics_path)
-        losses = [r["loss"] for r in history if "loss" in r]
-        summary = {
-            "run": str(run),
+            _save_weights(built.model, tokenizer, run, hasattr(built.model, "peft_config"), built.mutates_base)
+        losses = [r["loss"] for r in run.read_metrics() if "loss" in r]
+        run.write_summary({
+            "run": str(run.path),
             "method": spec.name,
             "base_method": spec.method,
             "task": task.name,
             "model": cfg.model,
             "seed": cfg.seed,
-            "lr": lr,
-            "rank": rank,
-            "alpha": alpha,
-            "steps": trainer.state.global_step,
+            "lr": effective["lr"],
+            "rank": effective["rank"],
+            "alpha": effective["alpha"],
+            "steps": steps,
             "final": final,
             "metric_split": cfg.eval_split,
             "accuracy": final.get(cfg.eval_split, {}).get("accuracy"),
@@ -243,13 +225,105 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
             "init_report": built.report,
             "resumed_from": str(checkpoint) if checkpoint else None,
             "init_restored": built.report.get("restored_from") is not None,
-        }
-        write_json_atomic(run / "summary.json", summary)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the run is finished: nothing left to resume
+        })
+        run.clear([RunDir.CHECKPOINTS])  # the run is finished: nothing left to resume
         if not cfg.save_weights:
-            shutil.rmtree(run / "adapter_init", ignore_errors=True)
+            run.clear([RunDir.ADAPTER_INIT])
     state.wait_for_everyone()  # every process returns the summary the main one wrote
-    return json.loads((run / "summary.json").read_text())
+    return run.read_summary()
+
+
+def _load(cfg: FinetuneConfig, task, state):
+    from transformers import set_seed
+
+    from .models import default_target_modules, load_model
+
+    num_labels = len(task.labels) if task.kind == "classification" else None
+    set_seed(cfg.seed)  # the classification head and LoRA's random A are drawn from here
+    model, tokenizer = load_model(cfg.model, task_kind=task.kind, num_labels=num_labels, dtype=getattr(torch, cfg.dtype))
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id(tokenizer)  # sequence classification finds the last real token by it
+    model.to(state.device)
+    return model, tokenizer, cfg.target_modules or default_target_modules(model)
+
+
+def _encode(cfg: FinetuneConfig, task, tokenizer) -> list[dict]:
+    train_rows = list(task.splits["train"])
+    if cfg.train_samples:
+        train_rows = _sample(train_rows, cfg.train_samples, cfg.seed)
+    features = [encode_row(tokenizer, r, task.kind, cfg.max_length) for r in train_rows]
+    if not features:
+        raise ValueError(f"task {task.name!r} has an empty train split")
+    return features
+
+
+def _resume_point(run: RunDir, state) -> tuple[Optional[Path], float]:
+    """The checkpoint to resume from (None: a fresh start) and the training seconds spent before it. Nothing of
+    an earlier attempt after that point may leak into this one."""
+    checkpoint = run.checkpoint()
+    prior_train_seconds = 0.0
+    if checkpoint is not None:
+        clock = checkpoint / RunDir.CLOCK
+        prior_train_seconds = json.loads(clock.read_text())["train_seconds"] if clock.is_file() else 0.0
+    if state.is_main_process:
+        if checkpoint is None:
+            run.clear(RunDir.TRAINED)
+        else:
+            run.keep_metrics_until(RunDir.checkpoint_step(checkpoint))
+    state.wait_for_everyone()
+    return checkpoint, prior_train_seconds
+
+
+def _initialise(cfg, spec, effective, model, tokenizer, task, target_modules, train_features, collate, run,
+                resolved, state):
+    """Build the method on the model (calibrating first if it needs data), or restore its saved initialisation."""
+    from transformers import set_seed
+
+    calibration_batches = gradient_batches = None
+    if _needs_data(spec):
+        n, source = effective["calibration_samples"], effective["calibration_data"]
+        calib_features = (_calibration_features(tokenizer, source, n, cfg.seed, cfg.max_length) if source
+                          else _sample(train_features, n, cfg.seed))
+        no_labels = Collator(pad_id(tokenizer), with_labels=False)
+        calibration_batches = _batched(calib_features, cfg.calibration_batch_size, no_labels, state.device,
+                                       "calibration", cfg.progress)
+        gradient_batches = _batched(_sample(train_features, n, cfg.seed), cfg.batch_size, collate, state.device,
+                                    "gradient estimation", cfg.progress)
+    set_seed(cfg.seed)
+    ctx = BuildContext(model=model, task_kind=task.kind, target_modules=target_modules, rank=effective["rank"],
+                       alpha=effective["alpha"], seed=cfg.seed, calibration_batches=calibration_batches,
+                       gradient_batches=gradient_batches)
+    return _build_or_restore(spec, ctx, run, _init_fingerprint(resolved), state.is_main_process)
+
+
+def _train(cfg, effective, model, tokenizer, task, run: RunDir, train_features, collate, checkpoint,
+           prior_train_seconds: float, callbacks):
+    """Train (or resume) to the last step; returns the trainer and the training seconds (all attempts)."""
+    from .trainer import make_trainer
+
+    def evaluator(m):
+        return _prefixed(evaluate(m, tokenizer, task, cfg.eval_split, batch_size=cfg.eval_batch_size,
+                                  max_length=cfg.max_length, max_samples=cfg.eval_samples, progress=cfg.progress),
+                         cfg.eval_split)
+
+    trainer = make_trainer(model=model, cfg=cfg, run=run, lr=effective["lr"], train_features=train_features,
+                           collate=collate, evaluator=evaluator, prior_train_seconds=prior_train_seconds,
+                           callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return trainer, prior_train_seconds + time.perf_counter() - start
+
+
+def _final_evaluation(cfg, trainer, model, tokenizer, task) -> tuple[dict, float]:
+    """The chosen split, then test if it is another one; each logged to metrics.jsonl as final_* keys."""
+    start = time.perf_counter()
+    final = {}
+    for split in dict.fromkeys([cfg.eval_split, "test"]):
+        if task.splits.get(split):
+            final[split] = evaluate(model, tokenizer, task, split, batch_size=cfg.eval_batch_size,
+                                    max_length=cfg.max_length, max_samples=cfg.eval_samples, progress=cfg.progress)
+            trainer.log({f"final_{split}_{k}": v for k, v in final[split].items() if k != "n"})
+    return final, time.perf_counter() - start
 
 
 # What decides the initial adapter: a saved one is reused only when all of these match.
@@ -263,34 +337,25 @@ def _init_fingerprint(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _build_or_restore(spec, ctx: BuildContext, run: Path, fingerprint: str, is_main: bool):
+def _build_or_restore(spec, ctx: BuildContext, run: RunDir, fingerprint: str, is_main: bool):
     """Build the method, or, when this run directory already holds the initial adapter for exactly this
     configuration (a restart after Ctrl-C), rebuild the model from it without calibrating again. The saved
     initial adapter also serves the plain-LoRA conversion at the end."""
-    init_dir, meta_path = run / "adapter_init", run / "init.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if meta and meta["fingerprint"] == fingerprint and init_dir.is_dir():
+    init_dir, meta = run.file(RunDir.ADAPTER_INIT), run.read_init()
+    if meta and meta.get("fingerprint") == fingerprint and init_dir.is_dir():
         model = restore_initial_adapter(ctx.model, init_dir, spec.method, meta["mutates_base"])
         return BuiltModel(model, calibration_seconds=meta["calibration_seconds"], init_seconds=meta["init_seconds"],
                           mutates_base=meta["mutates_base"], report={**meta["report"], "restored_from": str(init_dir)})
     built = build_method(spec, ctx)
     if is_main and hasattr(built.model, "peft_config"):
-        meta_path.unlink(missing_ok=True)
-        tmp = run / ".adapter_init.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        built.model.save_pretrained(str(tmp))
-        shutil.rmtree(init_dir, ignore_errors=True)
-        os.replace(tmp, init_dir)
+        run.clear([RunDir.INIT])
+        with run.adapter_dir(RunDir.ADAPTER_INIT) as tmp:
+            built.model.save_pretrained(str(tmp))
         # init.json last: its presence says adapter_init/ is complete
-        write_json_atomic(meta_path, {"fingerprint": fingerprint, "mutates_base": built.mutates_base,
-                                      "calibration_seconds": built.calibration_seconds,
-                                      "init_seconds": built.init_seconds, "report": built.report})
+        run.write_init({"fingerprint": fingerprint, "mutates_base": built.mutates_base,
+                        "calibration_seconds": built.calibration_seconds, "init_seconds": built.init_seconds,
+                        "report": built.report})
     return built
-
-
-def cpu_only() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 def _needs_data(spec) -> bool:
@@ -301,17 +366,22 @@ def _prefixed(metrics: dict, split: str) -> dict:
     return {f"{split}_{k}": v for k, v in metrics.items() if k != "n"}
 
 
-def _save_weights(model, tokenizer, run: Path, is_peft: bool, mutates_base: bool) -> None:
+def _save_weights(model, tokenizer, run: RunDir, is_peft: bool, mutates_base: bool) -> None:
+    """The trained weights, each folder written whole or not at all."""
     if not is_peft:
-        model.save_pretrained(str(run / "model"))
-        tokenizer.save_pretrained(str(run / "model"))
+        with run.adapter_dir(RunDir.MODEL) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
         return
-    model.save_pretrained(str(run / "adapter"))
-    if mutates_base and (run / "adapter_init").is_dir():
+    with run.adapter_dir(RunDir.ADAPTER) as tmp:
+        model.save_pretrained(str(tmp))
+    init_dir = run.file(RunDir.ADAPTER_INIT)
+    if mutates_base and init_dir.is_dir():
         # the difference to the initial adapter as a rank-2r LoRA of the original base, trained head included
         from ..conversion import save_as_lora
 
-        save_as_lora(model, run / "adapter_lora", run / "adapter_init")
+        with run.adapter_dir(RunDir.ADAPTER_LORA) as tmp:
+            save_as_lora(model, tmp, init_dir)
 
 
 def steps_for(cfg: FinetuneConfig, n_train: int) -> int:

@@ -1,0 +1,417 @@
+"""Astra with a 4-bit (bitsandbytes) base model, as in QLoRA.
+
+Astra rewrites the frozen weight (W ← W − s·B·A), which a 4-bit weight cannot hold exactly, so
+`initialize_astra_weights` refuses `Linear4bit` layers. Two supported routes instead:
+
+* **Residual route** (QPiSSA-style, the one to use): initialise Astra on the full-precision model, then
+  `quantize_astra_model` saves the residual base W − s·B·A and the initial adapter and reloads the residual
+  in 4-bit with the adapter on it. At init the 4-bit model differs from the original only by the 4-bit
+  rounding of the residual.
+* **Native route** (`initialize_astra_on_quantized`, LoftQ-like): the 4-bit base of the ORIGINAL weights
+  stays untouched; the statistics come from the quantized forward, B = Q and A = Qᵀ(W − deq(W₄))/s, so
+  B·A absorbs the part of the quantization error that lies in Astra's subspace. The adapter starts near
+  zero (it does not carry QᵀW as Astra's does), and the saved adapter is a plain LoRA of the 4-bit base.
+
+`quantization_error` measures either against the full-precision model (`benchmarks/bench_qlora.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from .calibration import ForwardFn
+from .config import AstraConfig
+from .initialization import AstraReport, initialize_astra_weights
+from .layers import canonical_name, lora_layers, out_in_dims, weight_matrix
+
+RESIDUAL_DIR = "residual_base"
+ADAPTER_DIR = "adapter"
+MANIFEST = "astra_quantized.json"
+# nf4 rounding moves a weight by ~10 % (relative Frobenius); far beyond that, the "original" model given to
+# the native route is not the one the 4-bit model was quantized from.
+_MISMATCH_RTOL = 0.5
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "A 4-bit base needs bitsandbytes: pip install 'astra-peft[integrations]' (or bitsandbytes)."
+        ) from err
+    return bitsandbytes
+
+
+def nf4_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = False):
+    """The QLoRA quantization: `BitsAndBytesConfig` for 4-bit NormalFloat weights.
+
+    Args:
+        compute_dtype: dtype of the matmuls (torch.bfloat16 on a GPU as in QLoRA; float32 on CPU).
+        double_quant: also quantize the block scales (`bnb_4bit_use_double_quant`).
+
+    Returns:
+        A `transformers.BitsAndBytesConfig`.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=double_quant)
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    """Whether `layer` is a bitsandbytes 4-bit linear layer (not PEFT's LoRA wrapper around one)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def disable_cpu_weight_packing(model: nn.Module) -> int:
+    """Keep every 4-bit layer of `model` in bitsandbytes' standard layout, so training backpropagates.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a `Linear4bit` weight at its first forward in eval
+    mode without gradients, permanently, and computes it with a bf16 kernel. After that, a training forward
+    calls a kernel without autograd support: no gradient reaches the layers before it (PyTorch only warns),
+    and `bnb.functional.dequantize_4bit` (PEFT's merge) reads the packed bytes as garbage. This undoes any
+    packing already done and switches it off on every 4-bit layer (forward then dequantizes to the compute
+    dtype, as on GPU). Packing also rounds the block scales to bfloat16 (≤ 2⁻⁹ relative), which unpacking cannot
+    undo: call this before the first forward (the loaders in this module do).
+
+    Args:
+        model: any model; layers that are not bitsandbytes `Linear4bit` are left alone.
+
+    Returns:
+        The number of 4-bit layers seen.
+    """
+    count = 0
+    for module in model.modules():
+        if is_4bit(module):
+            _unpack(module)
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def _unpack(layer: nn.Module) -> None:
+    weight = layer.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        state = weight.quant_state
+        if not state.nested and state.absmax.dtype != torch.float32:  # the packing left the scales in bf16
+            state.absmax = state.absmax.to(torch.float32)
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The (d_out, d_in) float32 weight a bitsandbytes `Linear4bit` layer computes with.
+
+    Args:
+        layer: a bitsandbytes `Linear4bit` (a CPU-packed one is unpacked first, see
+            `disable_cpu_weight_packing`).
+
+    Returns:
+        The dequantized weight, float32.
+
+    Raises:
+        TypeError: if `layer` is not a bitsandbytes 4-bit layer.
+    """
+    if not is_4bit(layer):
+        raise TypeError(f"Expected a bitsandbytes Linear4bit layer, got {type(layer).__name__}.")
+    _unpack(layer)
+    deq = _bnb().functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return deq.to(torch.float32).reshape(layer.out_features, layer.in_features)
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The (d_out, d_in) float32 weight a (possibly 4-bit) base layer computes with."""
+    return dequantized_weight(layer) if is_4bit(layer) else weight_matrix(layer).detach().to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- residual route
+def save_for_quantized_base(peft_model: PeftModel, output_dir, adapter_name: str = "default") -> Path:
+    """Save an Astra-initialised model as a residual base plus its initial adapter, ready for 4-bit loading.
+
+    Call right after `initialize_astra_weights` on the full-precision model. Writes `output_dir/residual_base`
+    (the base model whose target weights are the residual W − s·B·A, an ordinary transformers checkpoint),
+    `output_dir/adapter` (the adapter as initialised; keep it: `save_as_lora(..., initial_path=...)` needs it to
+    convert the trained adapter for the original base) and `output_dir/astra_quantized.json`.
+
+    Args:
+        peft_model: the full-precision PeftModel that `initialize_astra_weights` initialised.
+        output_dir: a new or empty folder.
+        adapter_name: the adapter to save.
+
+    Returns:
+        `output_dir` as a Path.
+
+    Raises:
+        ValueError: if the adapter was not initialised by Astra (its base is the original model: quantize that
+            directly), or `output_dir` is a non-empty folder (nothing is overwritten).
+    """
+    layers = lora_layers(peft_model, adapter_name)
+    if not layers:
+        raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
+    plain = [name for name, layer in layers.items() if adapter_name not in getattr(layer, "astra_adapters", ())]
+    if plain:
+        raise ValueError(
+            f"Layer '{plain[0]}' of adapter '{adapter_name}' was not initialised by Astra, so its base is not a "
+            "residual: run initialize_astra_weights on the full-precision model first (or, for plain QLoRA, "
+            "load the original model in 4-bit directly)."
+        )
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ValueError(f"{output_dir} is not empty; give a new or empty folder (nothing is overwritten).")
+    base = peft_model.get_base_model()
+    state = _residual_state_dict(base)
+    peft_model.save_pretrained(str(output_dir / ADAPTER_DIR), selected_adapters=[adapter_name])
+    base.save_pretrained(str(output_dir / RESIDUAL_DIR), state_dict=state)
+    adapter_folder = ADAPTER_DIR if adapter_name == "default" else f"{ADAPTER_DIR}/{adapter_name}"
+    manifest = {"residual_base": RESIDUAL_DIR, "adapter": adapter_folder, "adapter_name": adapter_name,
+                "note": "Astra residual base (W - s*B*A): load with astra_peft.quantized.load_on_quantized_base"}
+    (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return output_dir
+
+
+def _residual_state_dict(base: nn.Module) -> dict:
+    """The base model's own state dict (the residual weights) under its plain names, without LoRA tensors."""
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key or ".modules_to_save." in key:
+            continue
+        key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+        state[key] = value
+    # Why check: a PEFT wrapper this mapping does not know would give a checkpoint that loads with
+    # missing (randomly initialised) weights; refuse instead.
+    with torch.device("meta"):
+        expected = set(type(base)(copy.deepcopy(base.config)).state_dict())
+    if set(state) != expected:
+        odd = sorted(set(state) ^ expected)
+        raise ValueError(
+            f"Cannot write the residual base: its parameter names differ from a plain {type(base).__name__} "
+            f"(e.g. '{odd[0]}'). Only LoRA layers (and modules_to_save) are supported on this route."
+        )
+    return state
+
+
+def load_on_quantized_base(
+    output_dir,
+    quantization_config=None,
+    *,
+    is_trainable: bool = True,
+    model_class=None,
+    **from_pretrained_kwargs,
+) -> PeftModel:
+    """Load what `save_for_quantized_base` wrote: the residual base in 4-bit, with the initial adapter on it.
+
+    Args:
+        output_dir: the folder `save_for_quantized_base` wrote.
+        quantization_config: a 4-bit `BitsAndBytesConfig`; default `nf4_config()` (nf4, float32 compute).
+        is_trainable: load the adapter trainable (False for inference).
+        model_class: the transformers class of the base; default the one named in its config.json.
+        **from_pretrained_kwargs: passed to `model_class.from_pretrained` (e.g. `device_map`, `dtype`).
+
+    Returns:
+        The PeftModel on the 4-bit residual base, CPU weight packing switched off (`disable_cpu_weight_packing`).
+        For training, PEFT's `prepare_model_for_kbit_training` applies as for any QLoRA model.
+
+    Raises:
+        FileNotFoundError: if a part of the saved layout is missing.
+        ValueError: if `quantization_config` is not 4-bit bitsandbytes, or the checkpoint loads with missing or
+            unexpected weights.
+    """
+    _bnb()
+    output_dir = Path(output_dir)
+    manifest_path = output_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: {output_dir} was not written by save_for_quantized_base.")
+    manifest = json.loads(manifest_path.read_text())
+    residual_dir, adapter_dir = output_dir / manifest["residual_base"], output_dir / manifest["adapter"]
+    for path in (residual_dir / "config.json", adapter_dir / "adapter_config.json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the saved residual base or adapter is incomplete.")
+    quantization_config = quantization_config if quantization_config is not None else nf4_config()
+    if not getattr(quantization_config, "load_in_4bit", False):
+        raise ValueError(
+            "quantization_config must be a 4-bit bitsandbytes config (BitsAndBytesConfig(load_in_4bit=True, ...), "
+            "see nf4_config()); other quantizations are not tested with Astra."
+        )
+    if model_class is None:
+        import transformers
+
+        config = json.loads((residual_dir / "config.json").read_text())
+        arch = (config.get("architectures") or [None])[0]
+        if arch is None or not hasattr(transformers, arch):
+            raise ValueError(f"{residual_dir}/config.json names no transformers architecture: pass model_class.")
+        model_class = getattr(transformers, arch)
+    base, info = model_class.from_pretrained(
+        str(residual_dir), quantization_config=quantization_config, output_loading_info=True, **from_pretrained_kwargs
+    )
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"The residual base in {residual_dir} did not load cleanly: {bad}.")
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=manifest["adapter_name"],
+                                      is_trainable=is_trainable)
+    disable_cpu_weight_packing(model)
+    return model
+
+
+def quantize_astra_model(peft_model: PeftModel, output_dir, quantization_config=None, *,
+                         adapter_name: str = "default", **load_kwargs) -> PeftModel:
+    """The residual route in one call: `save_for_quantized_base`, then `load_on_quantized_base`.
+
+    Args:
+        peft_model: the full-precision PeftModel right after `initialize_astra_weights` (left unchanged).
+        output_dir: a new or empty folder for the residual base and the initial adapter.
+        quantization_config: a 4-bit `BitsAndBytesConfig`; default `nf4_config()`.
+        adapter_name: the adapter to carry over.
+        **load_kwargs: passed to `load_on_quantized_base`.
+
+    Returns:
+        The trainable PeftModel on the 4-bit residual base.
+
+    Raises:
+        ValueError: as `save_for_quantized_base` and `load_on_quantized_base`.
+    """
+    save_for_quantized_base(peft_model, output_dir, adapter_name)
+    return load_on_quantized_base(output_dir, quantization_config, **load_kwargs)
+
+
+# --------------------------------------------------------------------------------------------- native route
+def initialize_astra_on_quantized(
+    peft_model: PeftModel,
+    original_model: nn.Module,
+    dataloader: Iterable,
+    astra_config: Optional[AstraConfig] = None,
+    *,
+    forward_fn: Optional[ForwardFn] = None,
+    adapter_name: str = "default",
+) -> AstraReport:
+    """Astra's subspace on an untouched 4-bit base, the adapter absorbing part of the quantization error.
+
+    For each target layer: Q = Astra's eigenvectors from the statistics of the QUANTIZED forward (calibrated
+    on a full-precision copy of `original_model` holding the dequantized weights, which computes exactly what
+    the 4-bit model computes in float32), then B = Q and A = Qᵀ(W − deq(W₄))/s. The base stays the original
+    4-bit weights; the layer computes deq(W₄) + Q·Qᵀ(W − deq(W₄)), whose error (I − QQᵀ)(W − deq(W₄)) is, for
+    every input, no larger than plain QLoRA's. Unlike Astra, A does not start at QᵀW; the saved adapter is a
+    plain LoRA of the original 4-bit base (no residual to keep). Holds one extra full-precision copy of the
+    model during the call. Every check runs before the adapter is written.
+
+    Args:
+        peft_model: a PeftModel whose base was loaded in 4-bit (bitsandbytes) from `original_model`'s weights.
+        original_model: the plain full-precision model it was quantized from (read, never modified).
+        dataloader: calibration batches, as for `initialize_astra_weights`.
+        astra_config: the Astra choices (eigenvector selection, statistic, ...).
+        forward_fn: how to run a batch, as for `initialize_astra_weights`.
+        adapter_name: the adapter to initialise.
+
+    Returns:
+        The `AstraReport` of the eigenvector selection.
+
+    Raises:
+        TypeError: if a target layer's base is not a bitsandbytes 4-bit layer (use `initialize_astra_weights`
+            on a full-precision base).
+        ValueError: if `original_model` is a PeftModel or does not match the quantized model (a layer missing,
+            another shape, or weights farther from the dequantized ones than 4-bit rounding explains), or as
+            `initialize_astra_weights`.
+    """
+    layers = lora_layers(peft_model, adapter_name)
+    if not layers:
+        raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
+    if isinstance(original_model, PeftModel) or lora_layers(original_model, adapter_name):
+        raise ValueError("original_model must be the plain full-precision model, not a PeftModel.")
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        if not is_4bit(base):
+            raise TypeError(
+                f"Layer '{name}' is a {type(base).__name__}, not a bitsandbytes 4-bit layer: this route is for a "
+                "4-bit base; on a full-precision base use initialize_astra_weights."
+            )
+    shadow = copy.deepcopy(original_model)
+    shadow_modules = {canonical_name(n): m for n, m in shadow.named_modules()}
+    originals = {}
+    for name, module in peft_model.named_modules():
+        if not is_4bit(module):
+            continue
+        name = canonical_name(name)
+        target = shadow_modules.get(name)
+        if not isinstance(target, nn.Linear) or out_in_dims(target) != (module.out_features, module.in_features):
+            raise ValueError(f"original_model has no {module.out_features}x{module.in_features} nn.Linear "
+                             f"'{name}' matching the quantized layer: pass the model it was quantized from.")
+        w, deq = target.weight.detach().to(torch.float32).clone(), dequantized_weight(module)
+        rel = float((deq - w).norm() / w.norm().clamp_min(1e-30))
+        if rel > _MISMATCH_RTOL:
+            raise ValueError(f"Layer '{name}': the quantized weight is {rel:.2f} (relative) away from original_model's, "
+                             "far beyond 4-bit rounding: pass the model it was quantized from.")
+        target.weight.data.copy_(deq.to(target.weight.dtype))
+        originals[name] = (w, deq)
+    shadow_config = copy.deepcopy(peft_model.peft_config[adapter_name])
+    shadow_config.init_lora_weights = True
+    shadow_config.inference_mode = False
+    shadow_peft = get_peft_model(shadow, shadow_config)
+    report = initialize_astra_weights(shadow_peft, dataloader, astra_config, forward_fn=forward_fn)
+    factors = {}
+    for name, shadow_layer in lora_layers(shadow_peft, "default").items():
+        q = shadow_layer.lora_B["default"].weight.detach().to(torch.float32)
+        w, deq = originals[name]
+        factors[name] = (q.T @ (w - deq) / layers[name].scaling[adapter_name], q)
+    del shadow_peft, shadow
+    for name, (a, b) in factors.items():
+        lora_a, lora_b = layers[name].lora_A[adapter_name].weight, layers[name].lora_B[adapter_name].weight
+        lora_a.data.copy_(a.to(device=lora_a.device, dtype=lora_a.dtype))
+        lora_b.data.copy_(b.to(device=lora_b.device, dtype=lora_b.dtype))
+    disable_cpu_weight_packing(peft_model)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def effective_weight(layer, adapter_name: str = "default") -> torch.Tensor:
+    """What a LoRA layer (or a plain / 4-bit linear layer) computes with: deq(base) + s·B·A, float32."""
+    if adapter_name not in getattr(layer, "lora_A", {}):
+        return base_weight(layer)
+    w = base_weight(layer.get_base_layer())
+    b = layer.lora_B[adapter_name].weight.detach().to(torch.float32)
+    a = layer.lora_A[adapter_name].weight.detach().to(torch.float32)
+    return w + layer.scaling[adapter_name] * (b @ a).to(w.device)
+
+
+def quantization_error(model: nn.Module, reference: nn.Module, batches: Iterable, adapter_name: str = "default") -> dict:
+    """How far a (4-bit) model is from a full-precision reference: logits and per-layer effective weights.
+
+    Args:
+        model: the model to measure (e.g. from `quantize_astra_model`); CPU packing is switched off on it.
+        reference: the full-precision model (plain, or a PeftModel whose adapters count).
+        batches: dicts for `model(**batch)`; positions with `attention_mask == 0` are left out.
+        adapter_name: the adapter whose LoRA layers are compared (the same names in both models).
+
+    Returns:
+        {"max_abs_logits", "mean_abs_logits", "layers": {name: ‖W_eff − W_ref‖_F / ‖W_ref‖_F}}.
+    """
+    disable_cpu_weight_packing(model)
+    # A PeftModel's LoRA layer and its base_layer share a canonical name: the LoRA layer (adapter included) counts.
+    ref_modules = {**{canonical_name(n): m for n, m in reference.named_modules()}, **lora_layers(reference, adapter_name)}
+    layers = {name: float((effective_weight(layer, adapter_name) - effective_weight(ref_modules[name], adapter_name))
+                          .norm() / effective_weight(ref_modules[name], adapter_name).norm())
+              for name, layer in lora_layers(model, adapter_name).items()}
+    worst, total, count = 0.0, 0.0, 0
+    modes = [(m, m.training) for m in (*model.modules(), *reference.modules())]
+    model.eval(), reference.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                diff = (model(**batch).logits.float() - reference(**batch).logits.float()).abs()
+                mask = batch.get("attention_mask")
+                diff = diff[mask.bool()] if mask is not None else diff.reshape(-1, diff.shape[-1])
+                worst, total, count = max(worst, float(diff.max())), total + float(diff.sum()), count + diff.numel()
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return {"max_abs_logits": worst, "mean_abs_logits": total / max(count, 1), "layers": layers}
