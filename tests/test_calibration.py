@@ -168,3 +168,112 @@ def test_gram_strips_fill_the_upper_triangle_exactly():
     _add_upper_gram(gram, x2)
     full = torch.triu(gram) + torch.triu(gram, 1).T
     assert torch.allclose(full, x1.T @ x1 + x2.T @ x2, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------ no hook left behind, ever
+
+
+def _hooks(model):
+    """Every forward hook and pre-hook on any module of `model` (ids by module name), and the global ones."""
+    from torch.nn.modules import module as torch_module
+
+    found = {}
+    for name, module in model.named_modules():
+        ids = sorted(module._forward_hooks) + sorted(module._forward_pre_hooks)
+        if ids:
+            found[name] = ids
+    found["<global>"] = sorted(torch_module._global_forward_hooks) + sorted(torch_module._global_forward_pre_hooks)
+    return found
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _failing_after(batches, n):
+    """The batches, then an exception in place of batch `n`: a data pipeline failing mid-calibration."""
+    for i, batch in enumerate(batches):
+        if i == n:
+            raise _Boom(f"batch {n}")
+        yield batch
+
+
+@pytest.mark.parametrize("source", ["auto", "input", "output"])
+def test_calibration_leaves_no_hook_after_success(source, batches):
+    model = tiny_llama()
+    before = _hooks(model)
+    collect_activation_stats(model, batches, lora_config("llama"), AstraConfig(statistic_source=source, **QUIET))
+    assert _hooks(model) == before
+
+
+@pytest.mark.parametrize("source", ["auto", "input", "output"])
+def test_calibration_leaves_no_hook_after_failing_midway(source, batches):
+    model = tiny_llama()
+    before = _hooks(model)
+    seen = []
+
+    def forward_fn(m, batch):  # counts the passes that ran with the statistics hooks on
+        seen.append(1)
+        return m(**batch)
+
+    with pytest.raises(_Boom):
+        collect_activation_stats(model, _failing_after(batches, 2), lora_config("llama"),
+                                 AstraConfig(statistic_source=source, **QUIET), forward_fn=forward_fn)
+    assert len(seen) >= 2  # it did fail mid-way, with hooks registered, not before the first batch
+    assert _hooks(model) == before
+
+
+def test_calibration_leaves_no_hook_when_the_forward_itself_fails(batches):
+    """A model that raises inside its forward: the probe for shared inputs and the collection both fail."""
+    model = tiny_llama()
+    before = _hooks(model)
+
+    def forward_fn(m, batch):
+        m(**batch)
+        raise _Boom("after the forward, with every hook fired")
+
+    with pytest.raises(_Boom):
+        collect_activation_stats(model, batches, lora_config("llama"), AstraConfig(**QUIET), forward_fn=forward_fn)
+    assert _hooks(model) == before
+
+
+def test_initialisation_leaves_no_hook_and_no_change_after_failing(batches):
+    """initialize_astra_weights failing during its calibration (non-finite activations, raised from inside a
+    hook) and after it (too few tokens): no hook left, weights as they were."""
+    model = peft_model("llama")
+    norm = model.get_base_model().model.layers[1].input_layernorm
+    poison = norm.register_forward_hook(lambda m, a, out: out * float("nan"))
+    before = _hooks(model)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError):
+        initialize_astra_weights(model, batches, AstraConfig(**QUIET))
+    assert _hooks(model) == before
+    poison.remove()
+    before = _hooks(model)
+    with pytest.raises(ValueError, match="calibration tokens"):
+        initialize_astra_weights(model, make_batches(n_batches=1, batch_size=1, pad_rows=False), AstraConfig(**QUIET))
+    assert _hooks(model) == before
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshot[key]), key
+
+
+def test_effective_ranks_leave_no_hook(batches):
+    from astra_peft import effective_ranks
+
+    model = peft_model("llama")
+    before = _hooks(model)
+    effective_ranks(model, batches)
+    assert _hooks(model) == before
+    with pytest.raises(_Boom):
+        effective_ranks(model, _failing_after(batches, 1))
+    assert _hooks(model) == before
+
+
+def test_the_hook_check_sees_a_hook():
+    # _hooks must be able to fail: a hook left on one layer shows up under that layer's name
+    model = tiny_llama()
+    before = _hooks(model)
+    handle = model.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, a: None)
+    assert _hooks(model) != before and "model.layers.0.mlp.up_proj" in _hooks(model)
+    handle.remove()
+    assert _hooks(model) == before
