@@ -14,34 +14,42 @@ BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-def tiny_llama(dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# The one factory of tiny random-weight models (every test builds its models here): per family, the config
+# class, the default model class and the default sizes; any config field can be overridden per call.
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      max_position_embeddings=64)),
+    "bert": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=32, num_hidden_layers=2,
+                                                                 num_attention_heads=4, intermediate_size=64,
+                                                                 max_position_embeddings=64, num_labels=3)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+}
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+
+def tiny_model(family="llama", *, model_class=None, dtype=torch.float32, seed=0, **config):
+    """A tiny random-weight model of `family`, in eval mode, the same weights for the same arguments.
+
+    `model_class` names another transformers class for the same config (e.g. "BertModel", without a head);
+    `config` overrides the family's defaults (e.g. vocab_size=len(tokenizer), pad_token_id=...)."""
+    import transformers
+
+    config_cls, default_cls, sizes = TINY_FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(**{"vocab_size": VOCAB, **sizes, **config})
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class or default_cls)(cfg).to(dtype).eval()
+
+
+def tiny_llama(dtype=torch.float32):
+    return tiny_model("llama", dtype=dtype)
 
 
 def tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3,
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny_model("bert")
 
 
 def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_model("gpt2")
 
 
 MODELS = {
