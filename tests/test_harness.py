@@ -44,25 +44,21 @@ def _tokenizer(path: Path):
 
 
 def make_tiny_llama(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_model
 
     tok = _tokenizer(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_model("llama", vocab_size=len(tok), max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id).save_pretrained(path)
     return path
 
 
 def make_tiny_bert(path: Path) -> Path:
-    from transformers import BertConfig, BertModel
+    from conftest import tiny_model
 
     tok = _tokenizer(path)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-    BertModel(config).save_pretrained(path)
+    # no head: the harness loads it for classification and draws a fresh one, as for a real checkpoint
+    tiny_model("bert", model_class="BertModel", vocab_size=len(tok), max_position_embeddings=128, num_labels=2,
+               pad_token_id=tok.pad_token_id).save_pretrained(path)
     return path
 
 
@@ -144,15 +140,12 @@ def test_method_specs_parse_and_name_runs():
 @pytest.mark.parametrize("method", ["milora", "pissa", "olora"])
 def test_weight_driven_inits_keep_outputs(method):
     """MiLoRA (ours) and PEFT's PiSSA/OLoRA: W ← W − s·BA makes the adapted model start where the base was."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_model
 
     from astra_peft.harness.methods import BuildContext, build_method
     from astra_peft.harness.specs import parse_method_spec
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", vocab_size=50)
     ids = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         reference = model(input_ids=ids).logits

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from astra_peft.harness import models, sources
 from astra_peft.harness.models import FetchError, cache_dir, default_target_modules, load_model
@@ -141,10 +142,7 @@ def linears_matching(model, pattern):
 
 
 def test_target_modules_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    model = tiny_model("llama", tie_word_embeddings=True)
     targets = default_target_modules(model)
     assert targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     expected = linears_matching(model, r"model\.layers\.\d\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
@@ -152,10 +150,7 @@ def test_target_modules_llama():
 
 
 def test_target_modules_bert_skip_pooler_and_classifier():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                                     num_hidden_layers=2, num_attention_heads=2, num_labels=3))
+    model = tiny_model("bert", num_labels=3)
     targets = default_target_modules(model)
     assert targets == models.BUILTIN_MODELS["minilm-l6"].default_target_modules
     expected = linears_matching(model, r"bert\.encoder\.layer\.\d\.(attention\.self\.(query|key|value)|"
@@ -164,9 +159,7 @@ def test_target_modules_bert_skip_pooler_and_classifier():
 
 
 def test_target_modules_gpt2_conv1d():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32))
+    model = tiny_model("gpt2")
     targets = default_target_modules(model)
     assert sorted(targets) == ["c_attn", "c_fc", "c_proj"]
     expected = linears_matching(model, r"transformer\.h\.\d\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)")
