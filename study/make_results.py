@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import pack_runs  # noqa: E402
 import run_study  # noqa: E402
 
 from astra_peft.harness.report import markdown_table, mean_std_cell, plot_curves  # noqa: E402
@@ -145,12 +146,11 @@ def _effective_rank() -> str:
     """Eq. 9 per layer type, before and after fine-tuning, Astra beside LoRA, from each run's `astra analyze`:
     changes as mean ± std over seeds, and per seed which method's mean change over layer types is larger."""
     parts = []
-    for task_dir in sorted((run_study.RUNS / "effective-rank" / "runs").glob("*")):
-        found: dict = defaultdict(dict)  # slug -> seed -> rows
-        for csv_path in sorted(task_dir.glob("*/seed*/analysis/effective_rank.csv")):
-            found[csv_path.parents[2].name][csv_path.parents[1].name] = list(csv.DictReader(csv_path.open()))
-        if not found:
-            continue
+    by_task: dict = defaultdict(lambda: defaultdict(dict))  # task -> slug -> seed -> rows
+    for path, rows in pack_runs.csv_rows("effective-rank", "runs/*/*/seed*/analysis/effective_rank.csv").items():
+        by_task[path.parts[1]][path.parts[2]][path.parts[3]] = rows
+    for task in sorted(by_task):
+        found = by_task[task]
         slugs = sorted(found)
         seeds = sorted(set.intersection(*(set(found[s]) for s in slugs)))
         if not seeds:
@@ -172,7 +172,7 @@ def _effective_rank() -> str:
             a, b = slugs
             wins = sum(x > y for x, y in zip(gains[a], gains[b]))
             summary += f"; {a} larger than {b} in {wins} of {len(seeds)} seeds"
-        parts.append(f"Effective rank (Eq. 9), `{task_dir.name}`, mean over the layers of each type, 128 test rows, "
+        parts.append(f"Effective rank (Eq. 9), `{task}`, mean over the layers of each type, 128 test rows, "
                      f"seeds {', '.join(x.removeprefix('seed') for x in seeds)} (mean ± std over seeds); mean change "
                      f"over layer types: {summary}:\n\n"
                      + "\n".join(lines) + "\n")
@@ -199,7 +199,7 @@ def main():
             parts.append("```bash\n" + "\n".join(run_study.command_lines(phase)) + "\n```\n")
             continue
         split = "dev" if name in run_study.TUNE_METRIC else "test"  # tuning reads dev only
-        runs = run_study.phase_runs(phase) if (run_study.RUNS / phase.folder).exists() else []
+        runs = run_study.phase_runs(phase)
         parts.append(f"## {name}\n")
         parts.append("```bash\n" + "\n".join(run_study.command_lines(phase)) + "\n```\n")
         if not runs:
@@ -250,6 +250,11 @@ def main():
             parts.append(_effective_rank())
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
+    for folder in pack_runs.folders():
+        loose = pack_runs.unpacked_only(folder)
+        if loose:
+            print(f"note: {len(loose)} run folders under study/runs/{folder} are not packed yet (tabled all the same); "
+                  f"before committing: python study/pack_runs.py pack {folder}")
 
 
 if __name__ == "__main__":

@@ -4,16 +4,17 @@
     python study/run_study.py nlu-lr nlu-main        # run phases in order; finished runs are skipped
     python study/run_study.py all --dry-run
 
-Every number in docs/results.md comes from a run directory under study/runs/, which
-`study/make_results.py` turns into the tables. Run directories hold no weights (--no-save-weights),
-so they are committed and a later session continues where an interrupted one stopped.
+Every number in docs/results.md comes from a run directory that `astra compare` wrote under
+study/runs/<folder>/, which `study/make_results.py` turns into the tables. Run directories hold no weights
+(--no-save-weights); study/pack_runs.py folds each folder into one committed file, study/runs/<folder>.jsonl.gz,
+byte for byte. Before a phase runs, its folder is unpacked (so `astra compare` sees the finished runs and skips
+them) and after each command it is packed again: a later session continues where an interrupted one stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shlex
 import subprocess
@@ -25,6 +26,10 @@ from typing import Callable, Iterator, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import pack_runs  # noqa: E402
+
 RUNS = Path("study") / "runs"  # relative to ROOT, where both scripts run, so printed commands are portable
 ASTRA = ["python", "-m", "astra_peft.harness.cli"]
 
@@ -68,8 +73,7 @@ def tuned_lr(phase: str, family_methods: list[str], grid: list[str]) -> str:
     moves by noise; the loss on the gold answers does not)."""
     metric = TUNE_METRIC[phase]
     scores: dict[str, list[float]] = {lr: [] for lr in grid}
-    for summary in (RUNS / phase).rglob("summary.json"):
-        s = json.loads(summary.read_text())
+    for s in pack_runs.collect_runs(phase):
         base, lr = without_lr(s.get("method", "")), s.get("lr")
         spec_lr = next((g for g in grid if float(g) == float(lr)), None)
         if base in family_methods and spec_lr is not None:
@@ -274,12 +278,11 @@ def command_lines(phase: Phase) -> Iterator[str]:
 
 
 def _slugs(out: Path, task: str) -> list[str]:
-    folder = out / "runs" / task
-    return [p.name for p in folder.iterdir()] if folder.exists() else []
+    return pack_runs.run_folders(out.name, task)
 
 
 def progress(phase: Phase) -> str:
-    runs = phase_runs(phase) if (RUNS / phase.folder).exists() else []
+    runs = phase_runs(phase)
     return f"{len(runs)} finished runs" + ("" if phase.methods is None else f" (in {phase.folder})")
 
 
@@ -293,10 +296,8 @@ def phase_methods(phase: Phase) -> Optional[list[str]]:
 
 
 def phase_runs(phase: Phase) -> list[dict]:
-    """The finished runs that make the phase's table."""
-    from astra_peft.harness.report import collect_runs
-
-    runs = collect_runs(RUNS / phase.folder)
+    """The finished runs that make the phase's table (packed, or unpacked and newer)."""
+    runs = pack_runs.collect_runs(phase.folder)
     if phase.tasks is not None:
         runs = [r for r in runs if r["task"] in phase.tasks]
     if phase.methods is not None:
@@ -328,10 +329,15 @@ def main(argv=None):
             for line in command_lines(table[name]):
                 print(line if line.startswith("#") else f"$ {line}")
             continue
+        folder = table[name].folder
+        written = pack_runs.unpack(folder)  # the finished runs, where `astra compare` looks for them
+        if written:
+            print(f"unpacked {written} files of {pack_runs.pack_path(folder).name} into {RUNS / folder}", flush=True)
         for cmd in table[name].commands():
             print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
             start = time.time()
             done = subprocess.run([sys.executable, *cmd[1:]])
+            print(f"packed {pack_runs.pack(folder)} run folders into {pack_runs.pack_path(folder).name}", flush=True)
             RUNS.mkdir(parents=True, exist_ok=True)
             with open(log, "a", newline="") as f:
                 csv.writer(f).writerow([name, round(time.time() - start, 1), done.returncode, time.strftime("%F %T")])
