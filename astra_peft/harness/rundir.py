@@ -468,7 +468,7 @@ class CompareDir(_OwnedDir):
         self.check_writable()
         self.path.mkdir(parents=True, exist_ok=True)
         if self.read_marker() is None:
-            self._write_marker({}, made=[])
+            self._write_marker({}, made={})
 
     def run_dir(self, task_label: str, method_slug: str, seed: int) -> RunDir:
         """runs/TASK/METHOD/seedN, from sanitised names, checked to lie inside this folder."""
@@ -478,18 +478,25 @@ class CompareDir(_OwnedDir):
         write_json_atomic(self.path / self.COMPARE, payload)
 
     def check_report_files(self) -> None:
-        """Refuse to overwrite a report file this comparison did not make (the user's own summary.md, say).
+        """Refuse to overwrite a report file this comparison did not make: one it never wrote (the user's own
+        summary.md, say) or one changed since (its content hash, kept in the marker, differs).
 
         Raises:
             UserError: Naming the file.
         """
-        made = set((self.read_marker() or {}).get("made", []))
+        made = (self.read_marker() or {}).get("made") or {}
         for name in self.REPORT:
-            if (self.path / name).exists() and name not in made:
-                raise UserError(f"{self.path / name} was not made by astra; move it away (astra never overwrites "
-                                f"files it did not make) or choose another --output")
+            path = self.path / name
+            if path.exists() and (not path.is_file() or made.get(name) != _sha256(path)):
+                raise UserError(f"{path} was not made by astra (or was changed since); move it away (astra never "
+                                f"overwrites files it did not make) or choose another --output")
 
     def record_report_files(self) -> None:
+        """Note each report file's content hash in the marker: these are ours to overwrite next time."""
         marker = self.read_marker() or {}
-        made = sorted(set(marker.get("made", [])) | {n for n in self.REPORT if (self.path / n).exists()})
+        made = {n: _sha256(self.path / n) for n in self.REPORT if (self.path / n).is_file()}
         self._write_marker(marker.get("settings") or {}, made=made)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
