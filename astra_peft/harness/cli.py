@@ -91,10 +91,18 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_astra_flags(parser: argparse.ArgumentParser) -> None:
+    # Choices and help come from AstraConfig's Literal aliases (astra_peft/config.py, no torch): written once.
+    from ..config import EIGEN_SELECTIONS, STATISTICS, AstraConfig
+
+    def one_of(name: str, choices) -> str:
+        default = AstraConfig.__dataclass_fields__[name].default
+        return ", ".join(f"{c} (default)" if c == default else c for c in choices)
+
     group = parser.add_argument_group("method options (shorthands for spec keys; a spec's own keys win)")
-    group.add_argument("--eigen-selection", help="Astra: smallest (default), largest, middle, lower_quartile, "
-                                                 "upper_quartile or random.")
-    group.add_argument("--statistic", help="Astra: covariance (default), second_moment or max_normalized.")
+    group.add_argument("--eigen-selection", choices=EIGEN_SELECTIONS, metavar="SELECTION",
+                       help="Astra: " + one_of("eigen_selection", EIGEN_SELECTIONS) + ".")
+    group.add_argument("--statistic", choices=STATISTICS, metavar="STATISTIC",
+                       help="Astra: " + one_of("statistic", STATISTICS) + ".")
     group.add_argument("--corda-method", choices=["ipm", "kpm"], help="CorDA: ipm (default) or kpm.")
 
 
@@ -150,7 +158,7 @@ def cmd_finetune(args) -> int:
     threads = _start(args, "finetune")
     spec = _with_shorthands(parse_method_spec(args.method), args)
     cfg = _config(args, model=args.model, task=args.task, data=args.data, eval_data=args.eval_data,
-                  method=spec.name, output=args.output, threads=threads)
+                  method=spec, output=args.output, threads=threads)
     cpu_start = time.process_time()
     summary = run_finetune(cfg, force=args.force)
     print(f"\nrun: {cfg.output}")
@@ -176,7 +184,7 @@ def cmd_compare(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     cfg = _config(args, model=args.model, task=args.task or (tasks[0] if tasks else None), data=args.data,
-                  eval_data=args.eval_data, method=specs[0].name, output=args.output, threads=threads)
+                  eval_data=args.eval_data, method=specs[0], output=args.output, threads=threads)
     n_runs = len(specs) * len(seeds) * (len(tasks) if tasks else 1)
     print(f"astra compare: {n_runs} runs ({len(specs)} methods × {len(seeds)} seeds"
           + (f" × {len(tasks)} tasks" if tasks else "") + f") of {cfg.model} → {args.output}; "

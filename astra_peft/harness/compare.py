@@ -71,7 +71,7 @@ def run_compare(
     for i, (task, data, label, spec, seed) in enumerate(plan, 1):
         run = folder.run_dir(label, spec.slug, seed)
         tag = f"[{i}/{len(plan)}] {label} · {spec.name} · seed {seed}"
-        cfg = dataclasses.replace(base, task=task, data=data if data else base.data, method=spec.name, seed=seed,
+        cfg = dataclasses.replace(base, task=task, data=data if data else base.data, method=spec, seed=seed,
                                   output=str(run.path))
         start = time.perf_counter()
         try:

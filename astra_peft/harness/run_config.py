@@ -70,6 +70,10 @@ class FinetuneConfig:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         # Imported here, not at the top: the method registry imports torch, and this module must stay light
         # so that `astra --help` can list these fields as flags without it.
-        from .specs import parse_method_spec
+        from .specs import MethodSpec, parse_method_spec
 
-        parse_method_spec(self.method)  # fail before any model is loaded
+        # The spec is parsed once, here (failing before any model is loaded): `self.spec` is the typed
+        # MethodSpec the run builds from, and `method` keeps its text, the run's name in config.json and
+        # tables. A MethodSpec passed as `method` (the CLI and compare have parsed it already) is taken as is.
+        spec = self.method if isinstance(self.method, MethodSpec) else parse_method_spec(self.method)
+        self.method, self.spec = spec.name, spec

@@ -24,7 +24,6 @@ from .methods import METHODS, BuildContext, BuiltModel, build_method, restore_in
 from .rundir import RunDir, check_output
 from .trainer import cpu_only  # noqa: F401  (re-exported: it used to live here)
 from .run_config import FinetuneConfig  # noqa: F401  (the dataclass lives in a light module; see there)
-from .specs import parse_method_spec
 
 
 class RunInterrupted(RuntimeError):
@@ -150,7 +149,7 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
         from .threads import apply_threads
 
         apply_threads(cfg.threads)
-    spec = parse_method_spec(cfg.method)
+    spec = cfg.spec  # parsed once, when the FinetuneConfig was made
     effective = _effective(cfg, spec)
     run = RunDir(check_output(cfg.output, model=cfg.model,
                               files=(cfg.data, cfg.eval_data, effective["calibration_data"])))
