@@ -10,7 +10,7 @@ import torch
 from peft.utils.integrations import gather_params_ctx
 
 from .calibration import ForwardFn, collect_activation_stats
-from .config import AstraConfig
+from .config import AccumulatorKind, AstraConfig
 from .layers import check_supported, layer_digest, lora_layers, out_in_dims, set_weight_matrix, weight_matrix
 from .rewrite import residual_weight
 from .spectrum import Selection, select_eigenvectors
@@ -24,7 +24,7 @@ class LayerReport:
     d_in: int
     rank: int
     tokens: int
-    source: str  # where the statistic came from: "input", "output" or "max_normalized"
+    source: AccumulatorKind  # where the statistic came from
     selection: Selection
 
 

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import AccumulatorKind, StatsFamily, check_choices
+
 FORMAT = "astra-peft-activation-stats"
 VERSION = "1"
 
@@ -25,14 +27,17 @@ VERSION = "1"
 class Accumulator:
     """Sums over tokens of one tensor stream: a layer's output, or an input shared by several layers."""
 
-    kind: str  # "input" | "output" | "max_normalized"
+    kind: AccumulatorKind
     sum: torch.Tensor
     gram: torch.Tensor
     tokens: int = 0
     sequences: int = 0
 
+    def __post_init__(self):
+        check_choices(self)  # e.g. a statistics file whose accumulator kinds were edited by hand
+
     @classmethod
-    def zeros(cls, kind: str, dim: int, dtype: torch.dtype, device) -> "Accumulator":
+    def zeros(cls, kind: AccumulatorKind, dim: int, dtype: torch.dtype, device) -> "Accumulator":
         return cls(kind, torch.zeros(dim, dtype=dtype, device=device), torch.zeros(dim, dim, dtype=dtype, device=device))
 
     @property
@@ -54,7 +59,7 @@ class ActivationStats:
     def __init__(self, layers: dict[str, LayerRecord], accumulators: list[Accumulator], family: str):
         self.layers = layers
         self.accumulators = accumulators
-        self.family = family  # "moments" (serves covariance and second_moment) | "max_normalized"
+        self.family: StatsFamily = family
         self.seconds: Optional[float] = None
 
     def __repr__(self) -> str:

@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from .kinds import DataNeed
+
 COMMON = ("alpha", "lr", "rank")  # methods.COMMON_OPTIONS
 CALIBRATION = ("calibration_data", "calibration_samples")  # methods.CALIBRATION_OPTIONS
 
@@ -21,7 +23,7 @@ CALIBRATION = ("calibration_data", "calibration_samples")  # methods.CALIBRATION
 class MethodInfo:
     name: str
     help: str
-    data: Optional[str] = None  # None | "activations" | "gradients", as Method.data
+    data: Optional[DataNeed] = None  # as Method.data
     peft: bool = True
     config_options: tuple = ()  # fields of the method's own config class ("astra": read from AstraConfig)
 

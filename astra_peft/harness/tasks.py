@@ -18,6 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import check_choices
+from .kinds import TaskKind
 from .sources import BIGBENCH, PANG_LEE_CSV, PATTERN_DEB, bigbench_file, pang_lee_file
 
 # Splits never depend on a run's seed: every run and every method sees the same rows.
@@ -32,9 +34,12 @@ class Task:
     "answer"}, where choices/answer are None for free-form data (see the module docstring for the text rule)."""
 
     name: str
-    kind: str  # "classification" | "generation"
+    kind: TaskKind
     labels: list[str] | None
     splits: dict[str, list[dict]]  # "train", "dev", "test"
+
+    def __post_init__(self):
+        check_choices(self)
 
     def split_info(self) -> dict:
         return {split: {"size": len(rows), "sha256": rows_sha256(rows)} for split, rows in self.splits.items()}
@@ -43,7 +48,7 @@ class Task:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str
+    kind: TaskKind
     description: str
     source: str
     n_test: int
