@@ -53,12 +53,15 @@ def _bnb():
     return bitsandbytes
 
 
-def nf4_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = False):
+def nf4_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = False,
+               skip_modules: Optional[list] = None):
     """The QLoRA quantization: `BitsAndBytesConfig` for 4-bit NormalFloat weights.
 
     Args:
         compute_dtype: dtype of the matmuls (torch.bfloat16 on a GPU as in QLoRA; float32 on CPU).
         double_quant: also quantize the block scales (`bnb_4bit_use_double_quant`).
+        skip_modules: modules kept in full precision (`llm_int8_skip_modules`), e.g. a classification head the
+            adapter trains (`modules_to_save`); None keeps transformers' default (the output embedding).
 
     Returns:
         A `transformers.BitsAndBytesConfig`.
@@ -66,7 +69,7 @@ def nf4_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = 
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_use_double_quant=double_quant)
+                              bnb_4bit_use_double_quant=double_quant, llm_int8_skip_modules=skip_modules)
 
 
 def is_4bit(layer: nn.Module) -> bool:
@@ -248,6 +251,16 @@ def load_on_quantized_base(
             "quantization_config must be a 4-bit bitsandbytes config (BitsAndBytesConfig(load_in_4bit=True, ...), "
             "see nf4_config()); other quantizations are not tested with Astra."
         )
+    # Why: a trained head (modules_to_save) is copied from the base layer; a 4-bit one cannot train (PEFT fails
+    # with "only Tensors of floating point dtype can require gradients" or trains a uint8 copy).
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text()).get("modules_to_save") or []
+    skipped = set(getattr(quantization_config, "llm_int8_skip_modules", None) or [])
+    if set(saved) - skipped:
+        raise ValueError(
+            f"The adapter trains {sorted(saved)} in full precision (modules_to_save): keep them out of 4-bit with "
+            f"nf4_config(skip_modules={sorted(set(saved) | skipped)!r}) (add 'lm_head' for a causal LM), or "
+            "BitsAndBytesConfig(llm_int8_skip_modules=[...])."
+        )
     if model_class is None:
         import transformers
 
@@ -393,7 +406,8 @@ def quantization_error(model: nn.Module, reference: nn.Module, batches: Iterable
     Args:
         model: the model to measure (e.g. from `quantize_astra_model`); CPU packing is switched off on it.
         reference: the full-precision model (plain, or a PeftModel whose adapters count).
-        batches: dicts for `model(**batch)`; positions with `attention_mask == 0` are left out.
+        batches: dicts for `model(**batch)`; positions with `attention_mask == 0` are left out of per-token
+            logits (a sequence classifier's logits count whole).
         adapter_name: the adapter whose LoRA layers are compared (the same names in both models).
 
     Returns:
@@ -413,7 +427,8 @@ def quantization_error(model: nn.Module, reference: nn.Module, batches: Iterable
             for batch in batches:
                 diff = (model(**batch).logits.float() - reference(**batch).logits.float()).abs()
                 mask = batch.get("attention_mask")
-                diff = diff[mask.bool()] if mask is not None else diff.reshape(-1, diff.shape[-1])
+                per_token = mask is not None and diff.dim() == 3 and diff.shape[:2] == mask.shape
+                diff = diff[mask.bool()] if per_token else diff.reshape(-1)  # (a classifier: one row per sequence)
                 worst, total, count = max(worst, float(diff.max())), total + float(diff.sum()), count + diff.numel()
     finally:
         for module, mode in modes:

@@ -112,6 +112,44 @@ def test_residual_route_with_largest_eigenvectors_at_unit_scaling_quantizes_like
         assert low < ratio < high, (selection, ratio)
 
 
+def _family(name):
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if name == "llama-tied":  # lm_head tied to the embeddings, as SmolLM2's
+        config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=True)
+        return LlamaForCausalLM(config).eval(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), None
+    if name == "gpt2":  # Conv1D layers, which bitsandbytes loads as Linear4bit
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+        return model.eval(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                        fan_in_fan_out=True), None
+    model = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=128,
+                                                     max_position_embeddings=64, num_labels=3))
+    return model.eval(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"],
+                                    modules_to_save=["classifier"]), ["classifier"]
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "gpt2", "bert-head"])
+def test_residual_route_on_other_families(family, tmp_path):
+    model, config, skip = _family(family)
+    fp = get_peft_model(model, config)
+    fp.eval()
+    initialize_astra_weights(fp, make_batches(), AstraConfig(**QUIET))
+    save_for_quantized_base(fp, tmp_path / "q")
+    if skip:  # a trained head must stay out of 4-bit: refused with the config that does it
+        with pytest.raises(ValueError, match=r"skip_modules=\['classifier'\]"):
+            load_on_quantized_base(tmp_path / "q")
+    quantized = load_on_quantized_base(tmp_path / "q", nf4_config(skip_modules=skip))
+    layers = lora_layers(quantized, "default")
+    assert layers and all(is_4bit(layer.get_base_layer()) for layer in layers.values())
+    error = quantization_error(quantized, fp, HELD_OUT)
+    assert all(0.02 < rel < 0.15 for rel in error["layers"].values()), error["layers"]  # nf4 rounding, ~0.09
+    assert 0 < error["mean_abs_logits"] < 0.05
+
+
 def test_residual_route_leaves_the_full_precision_model_unchanged(tmp_path):
     fp = _fp_astra()
     before = {k: v.clone() for k, v in fp.state_dict().items()}
