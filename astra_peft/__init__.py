@@ -21,7 +21,7 @@ _EXPORTS = {
     "collect_activation_stats": "calibration",
     "calibration_batches": "data",
     "effective_rank": "spectrum",
-    "effective_ranks": "spectrum",
+    "effective_ranks": "analysis",
     "initialize_astra_weights": "initialization",
     "save_as_lora": "conversion",
     "quantize_astra_model": "quantized",
@@ -53,7 +53,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .data import calibration_batches
     from .initialization import AstraReport, initialize_astra_weights
     from .quantized import initialize_astra_on_quantized, quantize_astra_model
-    from .spectrum import effective_rank, effective_ranks
+    from .analysis import effective_ranks
+    from .spectrum import effective_rank
     from .stats import ActivationStats
 
 

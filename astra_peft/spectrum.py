@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from peft.tuners.lora import LoraLayer
 
 from .config import AstraConfig
 
@@ -322,38 +321,3 @@ def _canonical_signs(q: torch.Tensor) -> torch.Tensor:
     signs = torch.sign(q[pivot, torch.arange(q.shape[1])])
     signs[signs == 0] = 1
     return q * signs
-
-
-def effective_ranks(
-    model: torch.nn.Module,
-    dataloader,
-    target_modules: list[str] | None = None,
-    *,
-    forward_fn=None,
-    max_tokens: int | None = None,
-    adapter_name: str = "default",
-) -> dict[str, float]:
-    """Effective rank (Eq. 9) of the output-activation covariance of each layer, as the model runs now.
-
-    On a PeftModel the LoRA layers of `adapter_name` are measured with their adapter (pass
-    `target_modules` to pick others); on a plain model, linear layers whose name ends with one of
-    `target_modules`.
-    """
-    from .calibration import effective_rank_stats
-    from .layers import SUPPORTED_BASE_LAYERS, canonical_name, lora_layers
-
-    if target_modules is None:
-        modules = lora_layers(model, adapter_name)
-    else:
-        suffixes = tuple(target_modules)
-        modules = {
-            canonical_name(n): m
-            for n, m in model.named_modules()
-            if isinstance(m, SUPPORTED_BASE_LAYERS + (LoraLayer,))
-            and not n.endswith(".base_layer")
-            and any(n == s or n.endswith("." + s) for s in suffixes)
-        }
-    if not modules:
-        raise ValueError("No layer to measure: pass target_modules, or a PeftModel with LoRA layers.")
-    stats = effective_rank_stats(model, dataloader, modules, forward_fn=forward_fn, max_tokens=max_tokens)
-    return {name: effective_rank(eigenvalues(stats.output_statistic(name, "covariance"))) for name in modules}
