@@ -52,6 +52,22 @@ def tiny_gpt2():
     return tiny_model("gpt2")
 
 
+def tiny_tokenizer():
+    """A character-level fast tokenizer built in memory (no hub), ids < VOCAB: <pad>=0, </s>=1, <unk>=2."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for ch in string.ascii_letters + string.digits + " .,!?'-:;":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
 MODELS = {
     "llama": (tiny_llama, LLAMA_TARGETS, {}),
     "bert": (tiny_bert, BERT_TARGETS, {}),
