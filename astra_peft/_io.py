@@ -78,8 +78,13 @@ def atomic_dir(dest: str | os.PathLike, *, keep_existing: bool = False) -> Itera
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp (and some savers) leave owner-only modes
         for path in tmp.rglob("*"):
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
-        if dest.is_dir() and keep_existing:
-            shutil.rmtree(tmp)
+        if keep_existing:
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not dest.is_dir():
+                    raise
+                shutil.rmtree(tmp)  # a concurrent process finished first: keep its copy
             return
         old = None
         if dest.exists():
