@@ -15,8 +15,9 @@ Astra rewrites the frozen weight (W ← W − s·B·A), which a 4-bit weight can
 `quantization_error` measures either against the full-precision model. `benchmarks/bench_qlora.py` compares
 them with plain QLoRA, one-shot LoftQ and PEFT's QPiSSA: with Astra's default tail eigenvectors the residual
 route's error is about plain QLoRA's (the tail part s·B·A it keeps in full precision is small); it drops to
-QPiSSA's only with eigen_selection="largest" and lora_alpha = r (s = 1: W − s·QQᵀW then removes the principal
-output directions instead of reflecting them). The native route is never worse than QLoRA, layer by layer.
+QPiSSA's only with eigen_selection="largest" and lora_alpha = r (W − s·QQᵀW removes the principal output
+directions at s = 1; at other s it keeps them, scaled by 1 − s). The native route is never worse than QLoRA,
+layer by layer.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def test_disable_cpu_weight_packing_restores_the_standard_layout(original_dir):
         assert torch.allclose(layer(x), x @ dequantized_weight(layer).T, atol=1e-6)
 
 
-def test_native_route_keeps_the_4bit_base_and_absorbs_part_of_the_error(original_dir):
+def test_native_route_keeps_the_4bit_base_and_absorbs_part_of_the_error(original_dir, tmp_path):
     original = _llama()
     model = _plain_qlora(original_dir)
     bases = {n: dequantized_weight(l.get_base_layer()).clone() for n, l in lora_layers(model, "default").items()}
@@ -229,6 +229,12 @@ def test_native_route_keeps_the_4bit_base_and_absorbs_part_of_the_error(original
         assert torch.allclose(effective_weight(layer), deq + b @ b.T @ (w - deq), atol=1e-5), name
         assert ours["layers"][name] < qlora["layers"][name], name
     assert ours["mean_abs_logits"] <= 1.05 * qlora["mean_abs_logits"]
+    # No residual to keep: the saved adapter is a plain LoRA of the original checkpoint loaded in 4-bit.
+    model.save_pretrained(tmp_path / "native")
+    reloaded = PeftModel.from_pretrained(_load_4bit(original_dir), str(tmp_path / "native")).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**HELD_OUT[0]).logits, model(**HELD_OUT[0]).logits)
 
 
 # ------------------------------------------------------------------------------------------------------ errors
