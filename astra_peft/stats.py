@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -17,10 +16,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._io import atomic_path
 from .config import AccumulatorKind, StatsFamily, check_choices
 
 FORMAT = "astra-peft-activation-stats"
-VERSION = "1"
+# 2: a content hash over every tensor and metadata field (version 1 files had a fingerprint of the layer list
+# only, so edited token counts or Gram tensors loaded without complaint).
+VERSION = "2"
+HASH_KEY = "content_sha256"
+_KINDS = ("input", "output", "max_normalized")
+_FAMILIES = ("moments", "max_normalized")
+
+
+def content_hash(tensors: dict, metadata: dict) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and every metadata field but the hash itself."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    fields = {k: v for k, v in metadata.items() if k != HASH_KEY}
+    h.update(json.dumps(fields, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 @dataclass
@@ -148,32 +165,85 @@ class ActivationStats:
             "layers": json.dumps({n: asdict(r) for n, r in self.layers.items()}),
             "accumulators": json.dumps([[a.kind, a.tokens, a.sequences] for a in self.accumulators]),
         }
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".astra-stats-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        metadata[HASH_KEY] = content_hash(tensors, metadata)
+        with atomic_path(path) as tmp:  # the project's one atomic-write helper (astra_peft/_io.py)
+            save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "ActivationStats":
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        """Read statistics written by `save`, checking every byte: the content hash covers each tensor and each
+        metadata field (token counts included), and the records must agree with the tensors' shapes.
+
+        Args:
+            path: A statistics file. Anything but a regular file (a FIFO, whose open would block; a folder; a
+                device) is refused before it is opened.
+            device: Where the tensors go once checked.
+
+        Returns:
+            The statistics.
+
+        Raises:
+            ValueError: Naming `path`, when it is not a regular file, not a statistics file, of another format
+                version, or its content does not match its hash (edited or damaged).
+        """
+        import stat
+
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read the statistics file ({err.strerror or err}).") from None
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path} is not a regular file; a statistics file is a .safetensors file.")
+        try:
+            handle = safe_open(os.fspath(path), framework="pt", device="cpu")
+        except Exception as err:  # safetensors raises its own error types for a damaged header
+            raise ValueError(f"{path} is not a readable safetensors file ({err}).") from None
+        with handle as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not an astra-peft statistics file.")
             if meta.get("version") != VERSION:
-                raise ValueError(f"{path} has statistics format version {meta.get('version')}, expected {VERSION}.")
-            accs = [
-                Accumulator(kind, f.get_tensor(f"acc{i}.sum"), f.get_tensor(f"acc{i}.gram"), tokens, sequences)
-                for i, (kind, tokens, sequences) in enumerate(json.loads(meta["accumulators"]))
-            ]
-        layers = {n: LayerRecord(**r) for n, r in json.loads(meta["layers"]).items()}
-        stats = cls(layers, accs, meta["family"])
+                raise ValueError(f"{path} has statistics format version {meta.get('version')}, expected {VERSION}; "
+                                 f"collect the statistics again.")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if HASH_KEY not in meta or content_hash(tensors, meta) != meta[HASH_KEY]:
+            raise ValueError(f"{path} is corrupt or was edited: its content hash does not match its tensors and "
+                             f"metadata; collect the statistics again.")
+        try:
+            stats = cls._from_parts(tensors, meta)
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a consistent statistics file ({err}).") from None
         if stats.fingerprint != meta["fingerprint"]:
             raise ValueError(f"{path} is corrupt: its fingerprint does not match its layer records.")
+        for acc in stats.accumulators:
+            acc.sum, acc.gram = acc.sum.to(device), acc.gram.to(device)
         return stats
+
+    @classmethod
+    def _from_parts(cls, tensors: dict, meta: dict) -> "ActivationStats":
+        """Rebuild from a file's tensors and metadata, checking that they describe one another."""
+        records = json.loads(meta["accumulators"])
+        if meta["family"] not in _FAMILIES:
+            raise ValueError(f"unknown family {meta['family']!r}")
+        expected = {f"acc{i}.{part}" for i in range(len(records)) for part in ("sum", "gram")}
+        if set(tensors) != expected:
+            raise ValueError(f"tensors {sorted(set(tensors) ^ expected)[:3]} do not match the accumulator records")
+        accs = []
+        for i, (kind, tokens, sequences) in enumerate(records):
+            total, gram = tensors[f"acc{i}.sum"], tensors[f"acc{i}.gram"]
+            if kind not in _KINDS or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                             for n in (tokens, sequences)):
+                raise ValueError(f"accumulator {i} has a bad record {[kind, tokens, sequences]!r}")
+            if total.dim() != 1 or gram.shape != (total.shape[0], total.shape[0]):
+                raise ValueError(f"accumulator {i}: shapes {tuple(total.shape)} and {tuple(gram.shape)} disagree")
+            if not (torch.isfinite(total).all() and torch.isfinite(gram).all()):
+                raise ValueError(f"accumulator {i} holds NaN or infinite values")
+            accs.append(Accumulator(kind, total, gram, tokens, sequences))
+        layers = {n: LayerRecord(**r) for n, r in json.loads(meta["layers"]).items()}
+        for name, record in layers.items():
+            if not (isinstance(record.acc, int) and 0 <= record.acc < len(accs)):
+                raise ValueError(f"layer {name!r} points at accumulator {record.acc!r}, which does not exist")
+            dim = accs[record.acc].dim
+            if dim not in (record.d_in, record.d_out):
+                raise ValueError(f"layer {name!r} ({record.d_out}×{record.d_in}) does not fit its accumulator of {dim}")
+        return cls(layers, accs, meta["family"])
