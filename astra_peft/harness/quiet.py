@@ -19,6 +19,10 @@ _IGNORED_WARNINGS = (
     # PEFT reads `model.is_gradient_checkpointing` (peft_model.py) in every get_peft_model; transformers 5
     # deprecated the property in favour of is_activation_checkpointing. Nothing in our code touches it.
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
+    # PEFT's memory hint for EVA on large batches; calibration batches here are small and results do not change.
+    (UserWarning, "lora with eva initialization used with low_cpu_mem_usage=False"),
+    # PEFT's LoRA-GA preprocessing hooks fire on a model whose inputs are token ids (no grad): expected there.
+    (UserWarning, "Full backward hook is firing when gradients are computed with respect to module outputs"),
 )
 
 # Loggers that report, at import, optional speed-ups for routes the `astra` CLI never takes.
