@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import AstraConfig
 from .layers import check_supported, layer_digest, out_in_dims, target_base_layers
+from .sharding import check_not_fsdp1, gather_during_forward
 from .stats import Accumulator, ActivationStats, LayerRecord
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
@@ -49,6 +50,7 @@ def collect_activation_stats(
     statistics describe the base model). Padding positions (`attention_mask == 0`) are left out.
     """
     astra_config = astra_config or AstraConfig()
+    check_not_fsdp1(model)
     layers = target_base_layers(model, lora_config, adapter_name)
     if not layers:
         raise ValueError(
@@ -59,7 +61,8 @@ def collect_activation_stats(
         check_supported(name, layer)
     family = "max_normalized" if astra_config.statistic == "max_normalized" else "moments"
     start = time.perf_counter()
-    with _calibration_mode(model):
+    # A ZeRO-3-partitioned model before `deepspeed.initialize` runs only with its modules gathered one at a time.
+    with _calibration_mode(model), gather_during_forward(model):
         batches = iter(dataloader)
         first = next(batches, None)
         if first is None:

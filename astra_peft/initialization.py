@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
-from peft.utils.integrations import gather_params_ctx
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from .calibration import ForwardFn, collect_activation_stats
 from .config import AccumulatorKind, AstraConfig
-from .layers import check_supported, layer_digest, lora_layers, out_in_dims, set_weight_matrix, weight_matrix
+from .layers import check_supported, full_weight, layer_digest, lora_layers, out_in_dims
 from .rewrite import residual_weight
+from .sharding import assign, check_not_fsdp1
 from .spectrum import Selection, select_eigenvectors
 from .stats import ActivationStats
 
@@ -70,6 +72,7 @@ def initialize_astra_weights(
     computed before the first weight is written, so a failure leaves the model exactly as it was.
     """
     config = astra_config or AstraConfig()
+    check_not_fsdp1(peft_model)
     layers = lora_layers(peft_model, adapter_name)
     if not layers:
         raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
@@ -93,7 +96,9 @@ def initialize_astra_weights(
 
     start = time.perf_counter()
     bases = {}
-    for name, layer in layers.items():
+    # One bar over the layers: on a large model this phase takes minutes and would otherwise be silent.
+    for name, layer in tqdm(layers.items(), total=len(layers), desc="eigendecomposition", unit="layer",
+                            disable=not config.show_progress):
         base = layer.get_base_layer()
         d_out, d_in = out_in_dims(base)
         r = layer.r[adapter_name]
@@ -110,8 +115,7 @@ def initialize_astra_weights(
                 f"artefact of too little data. Use at least {needed} non-padding tokens (more calibration "
                 "samples or longer ones)."
             )
-        with gather_params_ctx(base.parameters(), modifier_rank=None):
-            w, bias = weight_matrix(base), base.bias
+        with full_weight(base) as (w, bias):  # whole, even where ZeRO-3 / FSDP2 shard it
             if stats.source(name) == "input":
                 statistic = stats.output_factors(name, config.statistic, w, bias)
             else:
@@ -124,7 +128,7 @@ def initialize_astra_weights(
 
     start = time.perf_counter()
     for name, layer in layers.items():
-        _write(layer, adapter_name, bases.pop(name))
+        _write(layer, adapter_name, bases.pop(name), name)
     report.write_seconds = time.perf_counter() - start
     return report
 
@@ -166,19 +170,20 @@ def _check_stats_match(stats: ActivationStats, layers: dict) -> None:
             )
 
 
-def _write(layer, adapter_name: str, q: torch.Tensor) -> None:
+def _write(layer, adapter_name: str, q: torch.Tensor, name: str = "") -> None:
     """A = QᵀW and B = Q, both cast to the adapter's dtype; then W ← W − s·B·A (`rewrite.residual_weight`),
     formed in float32 from the *cast* A and B and cast once, so base + s·B·A reproduces W as closely as the
     base dtype allows."""
     base = layer.get_base_layer()
     lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    with gather_params_ctx([base.weight, lora_a, lora_b], modifier_rank=0):
-        w = weight_matrix(base).detach().to(torch.float32)
+    # Read whole and written through `sharding.assign`, so ZeRO-3 partitions (and a DeepSpeed optimizer's fp32
+    # masters) and FSDP2 DTensors hold the result; the residual is rewrite.residual_weight's, bit for bit.
+    with full_weight(base) as (w, _):
+        w = w.to(torch.float32)
         q = q.to(device=w.device, dtype=torch.float32)
         a = (q.T @ w).to(lora_a.dtype)
         b = q.to(lora_b.dtype)
         residual = residual_weight(w, a, b, layer.scaling[adapter_name], "product")
-        lora_a.data.copy_(a)
-        lora_b.data.copy_(b)
-        set_weight_matrix(base, residual)
+        del w, q
+    assign(name, [(lora_a, a), (lora_b, b), (base.weight, residual.T if isinstance(base, Conv1D) else residual)])
     layer.astra_adapters = {adapter_name}

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 
 import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .sharding import full_tensors, is_flat, logical_shape
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 _PEFT_PREFIX = "base_model.model."
@@ -69,13 +71,24 @@ def check_supported(name: str, layer: nn.Module) -> None:
         )
     if not layer.weight.dtype.is_floating_point:
         raise TypeError(f"Layer '{name}' has a {layer.weight.dtype} weight; Astra needs a floating-point weight.")
+    # A weight that is not the layer's full (d_out, d_in) matrix is a view some wrapper made of it (FSDP1's flat
+    # parameters, a wrapper's empty placeholder): reading it would fail deep inside torch, or silently mislead.
+    shape = logical_shape(layer.weight)
+    expected = out_in_dims(layer)[::-1] if isinstance(layer, Conv1D) else out_in_dims(layer)
+    if is_flat(layer.weight) or shape != tuple(expected):
+        raise TypeError(
+            f"Layer '{name}' holds a weight of shape {shape} where its {tuple(expected)} matrix should be: it is "
+            "sharded or flattened by a wrapper Astra cannot read (FSDP1 flat parameters, or a model that another "
+            "framework already partitioned). Initialise Astra before wrapping/sharding the model; DeepSpeed ZeRO-3 "
+            "and FSDP2 (fully_shard) are supported."
+        )
 
 
 def out_in_dims(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, LoraLayer):
         layer = layer.get_base_layer()
     if isinstance(layer, Conv1D):
-        return layer.nf, layer.weight.shape[0]
+        return layer.nf, logical_shape(layer.weight)[0]
     return layer.out_features, layer.in_features
 
 
@@ -89,14 +102,21 @@ def set_weight_matrix(layer: nn.Module, w: torch.Tensor) -> None:
     layer.weight.data.copy_(w.to(layer.weight.dtype))
 
 
+@contextlib.contextmanager
+def full_weight(layer: nn.Module):
+    """Yield (W as (d_out, d_in), bias or None), whole even where ZeRO-3 or FSDP2 shards them; read only."""
+    with full_tensors([layer.weight, getattr(layer, "bias", None)]) as (w, bias):
+        yield (w.T if isinstance(layer, Conv1D) else w), bias
+
+
 def layer_digest(layer: nn.Module) -> str:
     """A cheap fingerprint of a layer's weights.
 
     Evenly spaced samples rounded to bfloat16, so an fp32 model and its bf16 copy share a digest while
     another model, or this model after Astra rewrote its weights, does not.
     """
-    with gather_params_ctx(layer.weight, modifier_rank=None):
-        flat = weight_matrix(layer).detach().reshape(-1)
+    with full_weight(layer) as (w, _):
+        flat = w.reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(_DIGEST_SAMPLES, flat.numel()), device=flat.device).long()
         sample = flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
     d_out, d_in = out_in_dims(layer)

@@ -1,0 +1,153 @@
+"""Astra on a DeepSpeed ZeRO-3 model, both ways round: before `deepspeed.initialize`, and after it.
+
+Runs offline on CPU in well under a minute (a tiny random LLaMA, two processes, gloo):
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/deepspeed_zero3.py [OUT_DIR]
+
+Every rank calls `initialize_astra_weights` on its own share of the calibration data; the statistics are summed
+over ranks, so every rank writes the same A, B and residual as one process with all the data would.
+
+1. Before the engine (recommended; the Trainer route): with `HfDeepSpeedConfig` alive (the Trainer makes one
+   from its ZeRO-3 config), `from_pretrained` loads the model already partitioned; Astra gathers one layer at a
+   time to calibrate and write; then `deepspeed.initialize` (or `trainer.train()`) builds the optimizer from the
+   initialised weights. A model built under `deepspeed.zero.Init` works the same way.
+2. After `deepspeed.initialize`: pass `engine.module`. Astra also writes A and B into the optimizer's fp32
+   master partitions (ZeRO-3, and ZeRO-1/2's); without that, the first `engine.step()` would copy PEFT's
+   default A/B back over them. Should a master not take the values, Astra raises rather than train from them.
+
+Do not wrap the call in `deepspeed.zero.GatheredParameters`: Astra gathers what it needs itself, and refuses to
+write inside an outer gather (leaving it would discard the new weights).
+"""
+
+import sys
+import tempfile
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+
+from astra_peft import AstraConfig, initialize_astra_weights
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 1e-4
+
+
+def ds_config(stage: int = 3, persistence_threshold: int = 0) -> dict:
+    # persistence threshold 0: even this tiny model's parameters are partitioned, as a large model's are.
+    zero = {"stage": stage, "stage3_param_persistence_threshold": persistence_threshold} if stage == 3 else {"stage": stage}
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}},
+    }
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+
+
+def astra_config() -> AstraConfig:
+    return AstraConfig(accumulation_dtype="float64", show_progress=False)
+
+
+def calibration_batches(n_batches: int = 4, batch_size: int = 4, length: int = 20) -> list[dict]:
+    """Random token batches, odd rows right-padded (what a padding collator gives)."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, 96, (batch_size, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1::2, length // 2 :] = 0
+        batches.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask})
+    return batches
+
+
+def astra_before_engine(config: dict, my_batches: list[dict]):
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = [scratch]
+        dist.broadcast_object_list(checkpoint, src=0)  # one folder, rank 0's, stands in for a hub checkpoint
+        if dist.get_rank() == 0:
+            tiny_llama().save_pretrained(checkpoint[0])
+        dist.barrier()
+        # As the Trainer does with a ZeRO-3 config: keep this object alive, and from_pretrained loads the model
+        # already partitioned (deepspeed.zero.Init) across the ranks.
+        hf_deepspeed = HfDeepSpeedConfig(config)
+        base = AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32)
+        dist.barrier()  # every rank has read it before rank 0's folder goes
+    assert all(hasattr(p, "ds_id") for p in base.parameters())  # loaded partitioned: ZeRO-3 parameters
+    model = get_peft_model(base, lora_config())
+    initialize_astra_weights(model, my_batches, astra_config())  # before deepspeed.initialize / trainer.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    del hf_deepspeed
+    return engine
+
+
+def astra_after_engine(config: dict, my_batches: list[dict]):
+    model = get_peft_model(tiny_llama(), lora_config())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    initialize_astra_weights(engine.module, my_batches, astra_config())
+    return engine
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """Every LoRA A/B and target base weight, whole (gathered), by name."""
+    keep = ("lora_A", "lora_B", "base_layer")
+    named = [(n, p) for n, p in model.named_parameters() if any(k in n for k in keep)]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {n: p.detach().clone() for n, p in named}
+
+
+def train_step(engine, batch: dict) -> float:
+    engine.train()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    loss = engine(**batch, labels=labels).loss
+    engine.backward(loss)
+    engine.step()
+    engine.eval()
+    return loss.item()
+
+
+def main(out_dir=None) -> dict:
+    deepspeed.init_distributed("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = calibration_batches()
+    results = {}
+    routes = {
+        "before_engine": (astra_before_engine, ds_config()),
+        "after_engine": (astra_after_engine, ds_config()),
+        # small parameters the engine keeps whole ("persistent"), and ZeRO-2's fp32 masters of unsplit weights
+        "after_engine_persistent": (astra_after_engine, ds_config(persistence_threshold=10**6)),
+        "after_engine_zero2": (astra_after_engine, ds_config(stage=2)),
+    }
+    for route, (build, config) in routes.items():
+        engine = build(config, batches[rank::world])
+        at_init = snapshot(engine.module)
+        with torch.no_grad():
+            logits = engine.module(**batches[0]).logits
+        train_step(engine, batches[rank])
+        after_step = snapshot(engine.module)
+        b_moved = max((after_step[n] - at_init[n]).abs().max().item() for n in at_init if "lora_B" in n)
+        if rank == 0:
+            print(f"{route}: max |B after one step - B at init| = {b_moved:.2e} (lr {LR})")
+        results[route] = {"init": at_init, "step": after_step, "logits": logits}
+    if rank == 0 and out_dir:
+        torch.save(results, f"{out_dir}/zero3.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -1,0 +1,89 @@
+"""FSDP2 (`fully_shard`) on CPU, two processes: Astra's init equals one process's and is what the optimizer steps
+from, before or after sharding (examples/fsdp2.py). FSDP1 flat parameters and malformed weights are refused."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lora_config, make_batches, peft_model, tiny_llama
+from torch import nn
+
+from astra_peft import collect_activation_stats, initialize_astra_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "fsdp2.py"
+
+
+def _torchrun(script: Path, *args, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *map(str, args)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("fsdp2_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_single_process_and_is_what_training_steps_from(tmp_path):
+    _torchrun(EXAMPLE, tmp_path)
+    results = torch.load(tmp_path / "fsdp2.pt")
+    ex = _example()
+    with torch.no_grad():
+        original_logits = ex.tiny_llama()(**ex.calibration_batches()[0]).logits
+    from peft import get_peft_model
+
+    reference = get_peft_model(ex.tiny_llama(), ex.lora_config())
+    initialize_astra_weights(reference, ex.calibration_batches(), ex.astra_config())
+    expected = {n: p.detach() for n, p in reference.named_parameters()}
+
+    assert set(results) == {"before_sharding", "after_sharding"}
+    for route, got in results.items():
+        assert set(got["init"]) and set(got["init"]) <= set(expected), route
+        init_error = max((got["init"][n] - expected[n]).abs().max().item() for n in got["init"])
+        assert init_error <= 1e-6, (route, init_error)
+        assert (got["logits"] - original_logits).abs().max().item() <= 1e-5, route
+        for name, value in got["step"].items():  # one AdamW step: ≤ ~lr per trainable entry, frozen ones still
+            moved = (value - got["init"][name]).abs().max().item()
+            assert moved <= (0.0 if "base_layer" in name else 1.5 * ex.LR), (route, name, moved)
+        astra_b = max(v.abs().max().item() for n, v in got["init"].items() if "lora_B" in n)
+        assert astra_b > 1000 * ex.LR, route  # Astra's B, far from PEFT's zeros
+
+
+@pytest.mark.slow
+def test_fsdp1_is_refused_naming_the_module(tmp_path):
+    _torchrun(ROOT / "tests" / "_fsdp1_refusal.py", tmp_path, nproc=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+
+
+def test_a_flat_parameter_is_refused_before_anything_runs(batches):
+    model = peft_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flat = nn.Parameter(torch.zeros(8))
+    flat._is_flat_param = True  # what FSDP1's FlatParameter carries
+    model.base_model.model.model.layers[0].register_parameter("_flat_param", flat)
+    with pytest.raises(TypeError, match=r"Module '.*layers\.0' is wrapped by FSDP1.*fully_shard"):
+        initialize_astra_weights(model, batches)
+    with pytest.raises(TypeError, match="FSDP1"):
+        collect_activation_stats(model, batches, lora_config("llama"))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+@pytest.mark.parametrize("shape", [(0,), (32 * 32,), (0, 32)])
+def test_an_empty_or_flattened_weight_is_refused_naming_the_layer(batches, shape):
+    model = tiny_llama()
+    layer = model.model.layers[1].self_attn.q_proj
+    layer.weight = nn.Parameter(torch.zeros(shape))  # what a wrapper leaves behind in place of the (32, 32) matrix
+    with pytest.raises(TypeError, match=r"Layer 'model\.layers\.1\.self_attn\.q_proj' holds a weight of shape"):
+        collect_activation_stats(model, batches, lora_config("llama"))
