@@ -277,3 +277,21 @@ def test_the_hook_check_sees_a_hook():
     assert _hooks(model) != before and "model.layers.0.mlp.up_proj" in _hooks(model)
     handle.remove()
     assert _hooks(model) == before
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_all_linear_on_a_plain_model_picks_the_layers_peft_wraps(family):
+    """target_modules="all-linear" on a plain model is expanded by PEFT's own (private) helper,
+    `_maybe_include_all_linear_layers` (layers.target_base_layers): the layers calibrated must be exactly the ones
+    get_peft_model wraps for the same config, output heads left out. This pins that private import's behaviour."""
+    from peft import LoraConfig, get_peft_model
+
+    from astra_peft.layers import target_base_layers
+
+    factory, _, extra = MODELS[family]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **extra)
+    wrapped = lora_layers(get_peft_model(factory(), config), "default")
+    assert set(target_base_layers(factory(), config)) == set(wrapped) and len(wrapped) > 0
+    if family == "llama":  # and the calibration itself follows it
+        stats = collect_activation_stats(factory(), make_batches(), config, AstraConfig(**QUIET))
+        assert set(stats.layers) == set(wrapped)
