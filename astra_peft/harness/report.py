@@ -6,28 +6,26 @@ matplotlib is imported inside the plotting functions, with the Agg backend, so n
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from .._io import atomic_path, write_text_atomic
 
 
 def collect_runs(root) -> list[dict]:
     """Every finished run under `root`: its summary, plus its step-by-step history as `history`."""
+    from .rundir import RunDir  # the run folder's file names and formats live there
+
     runs = []
-    for summary_path in sorted(Path(root).rglob("summary.json")):
-        summary = json.loads(summary_path.read_text())
+    for summary_path in sorted(Path(root).rglob(RunDir.SUMMARY)):
+        run = RunDir(summary_path.parent)
+        summary = run.read_summary()
         if "final" not in summary:  # the comparison's own summary files, not a run's
             continue
-        summary["history"] = _read_jsonl(summary_path.parent / "metrics.jsonl")
+        summary["history"] = run.read_metrics()
         runs.append(summary)
     return runs
 
@@ -129,9 +127,9 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
           f"Times: wall seconds per run.", ""]
     for s in splits:
         md += [f"## {s} split", "", markdown_table(runs, s, methods, tasks), ""]
-    (out_dir / "summary.md").write_text("\n".join(md))
+    write_text_atomic(out_dir / "summary.md", "\n".join(md))
 
-    with open(out_dir / "summary.csv", "w", newline="") as fh:
+    with atomic_path(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         for i, s in enumerate(splits):
             task_names, rows = summary_rows(runs, s, methods, tasks)
@@ -197,7 +195,8 @@ def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, m
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return Path(path)
 
@@ -236,8 +235,8 @@ def write_effective_rank(rows: list[dict], out_dir, title: str = "Effective rank
           "", "| Layer type | Layers | Before | After | Change |", "|---|---|---|---|---|"]
     md += [f"| {r['layer_type']} | {r['layers']} | {r['before']:.2f} | {r['after']:.2f} | {r['change']:+.2f} |"
            for r in rows]
-    (out_dir / "effective_rank.md").write_text("\n".join(md) + "\n")
-    with open(out_dir / "effective_rank.csv", "w", newline="") as fh:
+    write_text_atomic(out_dir / "effective_rank.md", "\n".join(md) + "\n")
+    with atomic_path(out_dir / "effective_rank.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["layer_type", "layers", "before", "after", "change"])
         writer.writeheader()
         writer.writerows(rows)
@@ -253,7 +252,8 @@ def write_effective_rank(rows: list[dict], out_dir, title: str = "Effective rank
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "effective_rank.png", dpi=120)
+    with atomic_path(out_dir / "effective_rank.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return {"md": out_dir / "effective_rank.md", "csv": out_dir / "effective_rank.csv",
             "png": out_dir / "effective_rank.png"}
