@@ -19,7 +19,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .evaluation import Collator, encode_row, evaluate, pad_id
+from .encoding import Collator, encode_row, pad_id
+from .evaluation import evaluate
 from .methods import METHODS, BuildContext, BuiltModel, build_method, restore_initial_adapter
 from .rundir import RunDir, check_output
 from .trainer import cpu_only  # noqa: F401  (re-exported: it used to live here)
