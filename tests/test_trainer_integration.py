@@ -294,3 +294,30 @@ def _env():
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_names_the_calibration_flags_when_data_is_too_small(tmp_path, capsys):
+    """`astra finetune` on a tiny data set with the default Astra: the error says which flags give more tokens,
+    and the flag it names does fix it."""
+    from test_harness import make_tiny_llama
+
+    from astra_peft.harness.cli import main
+
+    model = make_tiny_llama(tmp_path / "llama")
+    words = ["one", "two", "three", "four", "five", "six"]
+    pairs = [(a, b) for a in range(6) for b in range(6) if a != b][:16]
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"is {words[a]} more than {words[b]} ?",
+                                        "completion": " yes" if a > b else " no"}) + "\n" for a, b in pairs))
+    base = ["finetune", "--model", str(model), "--data", str(data), "--max-steps", "1", "--no-progress",
+            "--calibration-samples", "4"]  # 4 short rows: fewer tokens than the smallest eigenvalues need
+    assert main(base + ["--output", str(tmp_path / "small")]) == 2
+    err = capsys.readouterr().err
+    assert "calibration tokens" in err and "--calibration-data" in err and "--calibration-samples" in err
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("is one more than two ? no . is six more than four ? yes . is three more than five ? no\n" * 8)
+    assert main(base + ["--output", str(tmp_path / "fixed"), "--calibration-data", str(corpus)]) == 0

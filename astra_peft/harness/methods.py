@@ -268,7 +268,18 @@ def _build_astra(ctx: BuildContext, spec) -> BuiltModel:
     config = spec.method_config(seed=ctx.seed)  # the run's seed unless the spec sets one
     batches = _require_batches(ctx, "calibration_batches", "astra")
     model, t_peft = _timed(get_peft_model, ctx.model, lora_config(ctx))
-    report = initialize_astra_weights(model, batches(), config)
+    try:
+        report = initialize_astra_weights(model, batches(), config)
+    except ValueError as err:
+        if "calibration tokens" not in str(err):
+            raise
+        # The library's advice ("more calibration samples or longer ones") names no flag; say which ones.
+        raise ValueError(
+            f"{err} From the command line: calibrate on more text with --calibration-data (a .txt or .jsonl file, "
+            "or a built-in corpus such as xsum; see `astra tasks`) and --calibration-samples N, or on more training "
+            "rows (--calibration-samples, up to the size of the train split); or use the largest eigenvectors, "
+            "which need no minimum (--method astra:eigen_selection=largest)."
+        ) from err
     details = {
         "summary": report.summary(),
         "degenerate_layers": report.degenerate_layers,
