@@ -79,6 +79,9 @@ def summary_rows(runs: list[dict], split: str, methods: Optional[Sequence[str]] 
         row["train_loss"] = [r.get("mean_train_loss_last10") for r in group]
         row["prep_seconds"] = [r["seconds"]["calibration"] + r["seconds"]["initialization"] for r in group]
         row["train_seconds"] = [r["seconds"]["training"] for r in group]
+        # Whole run, wall and CPU side by side (runs made before CPU time was recorded have none).
+        row["run_seconds"] = [sum(r["seconds"].values()) for r in group]
+        row["cpu_seconds"] = [r.get("cpu_seconds") for r in group]
         row["trainable_parameters"] = group[0].get("trainable_parameters")
         rows.append(row)
     return tasks, rows
@@ -98,18 +101,39 @@ def markdown_table(runs: list[dict], split: str, methods=None, tasks=None, metri
     tasks, rows = summary_rows(runs, split, methods, tasks, metric)
     fmt = (100.0, 2) if metric == "accuracy" else (1.0, 4)
     header = ["Method", "#Params", *tasks, "Average", "Train loss", "Calib.+init (s)", "Training (s)"]
+    # CPU time beside wall time, where the runs recorded it: on a machine whose load changed between runs,
+    # wall time compares the load, CPU time the work.
+    with_cpu = any(v is not None for row in rows for v in row["cpu_seconds"])
+    if with_cpu:
+        header += ["Run wall (s)", "Run CPU (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["method"], _params(row["trainable_parameters"])]
         cells += [mean_std_cell(row[t], *fmt) for t in tasks]
         cells += [mean_std_cell(row["average"], *fmt), mean_std_cell(row["train_loss"], 1.0, 4),
                   mean_std_cell(row["prep_seconds"], 1.0, 1), mean_std_cell(row["train_seconds"], 1.0, 1)]
+        if with_cpu:
+            cells += [mean_std_cell(row["run_seconds"], 1.0, 1), mean_std_cell(row["cpu_seconds"], 1.0, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _available_splits(runs: list[dict]) -> list[str]:
     return sorted({s for r in runs for s, m in r.get("final", {}).items() if m.get("accuracy") is not None})
+
+
+def _load_note(runs: list[dict]) -> list[str]:
+    """A sentence on the machine's load during the runs (recorded at each run's start and end), and a warning
+    when it changed enough that wall times are not comparable."""
+    loads = [v for r in runs for v in (r.get("load_average") or {}).values() if v is not None]
+    if not loads:
+        return []
+    low, high = min(loads), max(loads)
+    text = (f"Run CPU: CPU seconds of the run's process (all threads). Load average during the runs: "
+            f"{low:.1f} to {high:.1f}.")
+    if high > 1.5 * low + 1.0:
+        text += " The load changed a lot between runs: compare CPU times, not wall times."
+    return [text]
 
 
 def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "dev", methods=None, tasks=None,
@@ -124,7 +148,7 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
     md = [f"# {title}", "",
           f"Accuracy (%) as mean ± std over seeds {', '.join(map(str, seeds))} (sample std; 0 with one seed). "
           f"Average: per seed over tasks, then mean ± std. Train loss: mean of the last 10 logged steps. "
-          f"Times: wall seconds per run.", ""]
+          f"Times: wall seconds per run.", *_load_note(runs), ""]
     for s in splits:
         md += [f"## {s} split", "", markdown_table(runs, s, methods, tasks), ""]
     write_text_atomic(out_dir / "summary.md", "\n".join(md))
@@ -137,12 +161,13 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
                 writer.writerow(["split", "method", "n_seeds", "trainable_parameters",
                                  *[f"{t}_{x}" for t in task_names for x in ("mean", "std")],
                                  "average_mean", "average_std", "train_loss_mean", "train_loss_std",
-                                 "prep_seconds_mean", "train_seconds_mean"])
+                                 "prep_seconds_mean", "train_seconds_mean", "run_seconds_mean", "cpu_seconds_mean"])
             for row in rows:
                 values = [v for t in task_names for v in _mean_std(row[t])]
                 writer.writerow([s, row["method"], len(row["seeds"]), row["trainable_parameters"], *values,
                                  *_mean_std(row["average"]), *_mean_std(row["train_loss"]),
-                                 _mean_std(row["prep_seconds"])[0], _mean_std(row["train_seconds"])[0]])
+                                 _mean_std(row["prep_seconds"])[0], _mean_std(row["train_seconds"])[0],
+                                 _mean_std(row["run_seconds"])[0], _mean_std(row["cpu_seconds"])[0]])
     paths = {"summary_md": out_dir / "summary.md", "summary_csv": out_dir / "summary.csv"}
     paths["loss_png"] = plot_curves(runs, "loss", out_dir / "loss.png", methods=methods, tasks=tasks)
     paths["grad_norm_png"] = plot_curves(runs, "grad_norm", out_dir / "grad_norm.png", methods=methods, tasks=tasks)
@@ -161,9 +186,48 @@ def _pyplot():
     return plt
 
 
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average over `window` points (odd; fewer at the ends): no lag, so a smoothed curve crosses
+    another where the trend does, not a few steps later as an exponential average would."""
+    half = max(window, 1) // 2
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - half): i + half + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def _same(values: Sequence) -> bool:
+    return len(set(values)) == 1
+
+
+def curve_title(runs: list[dict]) -> str:
+    """"smollm2-135m · rank 8 · lr 0.0005": what the curves share. A rank or rate that differs between methods is
+    given per method in the legend instead (see `_curve_label`)."""
+    parts = []
+    models = sorted({Path(str(r["model"])).name or str(r["model"]) for r in runs if r.get("model")})
+    if models:
+        parts.append(", ".join(models))
+    for key in ("rank", "lr"):
+        values = [r.get(key) for r in runs if r.get(key) is not None]
+        if values and _same(values):
+            parts.append(f"{key} {values[0]:g}")
+    return " · ".join(parts)
+
+
+def _curve_label(method: str, runs: list[dict]) -> str:
+    extra = []
+    for key in ("rank", "lr"):
+        if not _same([r.get(key) for r in runs]):
+            mine = sorted({r.get(key) for r in runs if r["method"] == method and r.get(key) is not None})
+            extra += [f"{key} {v:g}" for v in mine]
+    return f"{method} ({', '.join(extra)})" if extra else method
+
+
 def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, max_step: Optional[int] = None):
     """One panel per task; per method the mean over seeds at each step, shaded between min and max (the paper's
-    Figures 1 and 5)."""
+    Figures 1 and 5). Per-step values are noisy and cross constantly, so from 20 steps on each is drawn faint
+    with a centred moving average over about a tenth of the steps on top. The title names model, rank and rate."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -171,6 +235,7 @@ def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, m
     methods = _ordered([r["method"] for r in runs], methods)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    smoothed = False
     for ax, task in zip(axes[0], tasks):
         for i, method in enumerate(methods):
             curves = defaultdict(list)
@@ -184,16 +249,28 @@ def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, m
             steps = sorted(curves)
             mean = [statistics.fmean(curves[s]) for s in steps]
             color = colors[i % len(colors)]
-            ax.plot(steps, mean, label=method, color=color, linewidth=1.4)
+            window = (len(steps) // 10) | 1  # odd, about a tenth of the run; 1 (no smoothing) below 20 steps
+            label = _curve_label(method, runs)
+            if window > 1:
+                smoothed = True
+                ax.plot(steps, mean, color=color, linewidth=0.8, alpha=0.3)
+                ax.plot(steps, smooth(mean, window), label=label, color=color, linewidth=1.6)
+            else:
+                ax.plot(steps, mean, label=label, color=color, linewidth=1.4)
             if any(len(curves[s]) > 1 for s in steps):
                 ax.fill_between(steps, [min(curves[s]) for s in steps], [max(curves[s]) for s in steps],
-                                color=color, alpha=0.2, linewidth=0)
+                                color=color, alpha=0.12, linewidth=0)
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel({"loss": "training loss", "grad_norm": "gradient norm"}.get(key, key))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    title = curve_title(runs)
+    if smoothed:
+        title += ("  " if title else "") + "(faint: per step; solid: moving average)"
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -76,3 +76,12 @@ def apply_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the system has none; recorded with each run so that wall times
+    made at different loads can be told apart."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
