@@ -26,6 +26,9 @@ _EXPORTS = {
     "save_as_lora": "conversion",
     "quantize_astra_model": "quantized",
     "initialize_astra_on_quantized": "quantized",
+    "initialize_astra_for_trainer": "integrations",
+    "AstraTrainerCallback": "integrations",
+    "restore_astra_initialization": "integrations",
 }
 
 __all__ = [
@@ -42,6 +45,9 @@ __all__ = [
     "save_as_lora",
     "quantize_astra_model",
     "initialize_astra_on_quantized",
+    "initialize_astra_for_trainer",
+    "AstraTrainerCallback",
+    "restore_astra_initialization",
 ]
 __version__ = "0.1.0"
 
@@ -52,6 +58,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .conversion import save_as_lora
     from .data import calibration_batches
     from .initialization import AstraReport, initialize_astra_weights
+    from .integrations import AstraTrainerCallback, initialize_astra_for_trainer, restore_astra_initialization
     from .quantized import initialize_astra_on_quantized, quantize_astra_model
     from .analysis import effective_ranks
     from .spectrum import effective_rank
