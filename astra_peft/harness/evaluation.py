@@ -139,19 +139,18 @@ def analyze_run(run_dir, *, split: str = "dev", samples: int = 64, batch_size: i
     for the base model and for the fine-tuned one. The fine-tuned model is rebuilt from the saved weights: the
     plain-LoRA conversion (adapter_lora/) or the adapter itself on the original base, merged; or model/ for full
     fine-tuning. Returns (before, after), each {layer name: effective rank}."""
-    import json
-    from pathlib import Path
-
     from peft import PeftModel
 
     from .. import effective_ranks
     from .models import load_model
+    from .rundir import RunDir
     from .tasks import load_jsonl_task, load_task
 
-    run = Path(run_dir)
-    if not (run / "summary.json").is_file():
-        raise ValueError(f"{run} is not a finished run (no summary.json)")
-    config = json.loads((run / "config.json").read_text())
+    rundir = RunDir(run_dir)
+    run = rundir.path
+    if not rundir.file(RunDir.SUMMARY).is_file():
+        raise ValueError(f"{run} is not a finished run (no {RunDir.SUMMARY})")
+    config = rundir.read_config()
     task = load_task(config["task"]) if config.get("task") else load_jsonl_task(config["data"], config.get("eval_data"))
     num_labels = len(task.labels) if task.kind == "classification" else None
     targets = config["effective"]["target_modules"]
@@ -173,16 +172,17 @@ def analyze_run(run_dir, *, split: str = "dev", samples: int = 64, batch_size: i
     base, tokenizer = load_model(config["model"], task_kind=task.kind, num_labels=num_labels)
     before = measure(base, tokenizer)
     del base
-    if (run / "model").is_dir():
-        tuned, tokenizer = load_model(str(run / "model"), task_kind=task.kind, num_labels=num_labels)
+    if rundir.file(RunDir.MODEL).is_dir():
+        tuned, tokenizer = load_model(str(rundir.file(RunDir.MODEL)), task_kind=task.kind, num_labels=num_labels)
     else:
         tuned, tokenizer = load_model(config["model"], task_kind=task.kind, num_labels=num_labels)
-        adapter = run / "adapter_lora" if (run / "adapter_lora").is_dir() else run / "adapter"
+        lora = rundir.file(RunDir.ADAPTER_LORA)
+        adapter = lora if lora.is_dir() else rundir.file(RunDir.ADAPTER)
         if not adapter.is_dir():
             raise ValueError(f"{run} has no saved adapter (was it run with --no-save-weights?)")
         # every PEFT run keeps adapter_init (for restarts); only a rewritten base makes `adapter` unusable alone
-        init = json.loads((run / "init.json").read_text()) if (run / "init.json").is_file() else {}
-        if adapter.name == "adapter" and init.get("mutates_base", (run / "adapter_init").is_dir()):
+        init = rundir.read_init() or {}
+        if adapter != lora and init.get("mutates_base", rundir.file(RunDir.ADAPTER_INIT).is_dir()):
             raise ValueError(f"{run}: the adapter needs its residual base and no plain-LoRA conversion was saved")
         tuned = PeftModel.from_pretrained(tuned, str(adapter)).merge_and_unload()
     after = measure(tuned, tokenizer)
