@@ -321,3 +321,63 @@ def test_cli_names_the_calibration_flags_when_data_is_too_small(tmp_path, capsys
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("is one more than two ? no . is six more than four ? yes . is three more than five ? no\n" * 8)
     assert main(base + ["--output", str(tmp_path / "fixed"), "--calibration-data", str(corpus)]) == 0
+
+
+# ------------------------------------------------------------------------------------- library pieces
+
+
+def _initialised(tmp_path):
+    from peft import get_peft_model
+
+    from astra_peft import initialize_astra_weights
+    from conftest import make_batches
+
+    model = get_peft_model(tiny_llama(), lora_config("llama", alpha=7))  # alpha 7: float32 rounding order shows
+    initialize_astra_weights(model, make_batches(), AstraConfig(**QUIET))
+    model.save_pretrained(str(tmp_path / "init"))
+    return model
+
+
+def _bases(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+
+
+def test_restore_rebuilds_the_residual_base_bit_for_bit(tmp_path):
+    from peft import get_peft_model
+
+    from astra_peft.integrations import restore_astra_initialization
+
+    model = _initialised(tmp_path)
+    fresh = get_peft_model(tiny_llama(), lora_config("llama", alpha=7))
+    restore_astra_initialization(fresh, tmp_path / "init")
+    expected, got = _bases(model), _bases(fresh)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(torch.equal(a, b) for a, b in zip(_adapter(fresh).values(), _adapter(model).values()))
+    with pytest.raises(RuntimeError, match="already initialised"):  # a second residual is never stacked
+        restore_astra_initialization(fresh, tmp_path / "init")
+
+    other = get_peft_model(tiny_llama(), lora_config("llama", r=8, alpha=7))
+    before = _bases(other)
+    with pytest.raises(ValueError, match="other LoRA settings"):
+        restore_astra_initialization(other, tmp_path / "init")
+    assert all(torch.equal(v, before[k]) for k, v in _bases(other).items())  # untouched
+
+
+def test_save_as_lora_draws_no_random_number_and_keeps_the_initial_adapter(tmp_path):
+    from astra_peft import save_as_lora
+
+    model = _initialised(tmp_path)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data += 0.01  # "trained"
+    batch = _probe(tiny_tokenizer())
+    trained = _logits(model, batch)
+    state, flags = torch.get_rng_state(), {n: p.requires_grad for n, p in model.named_parameters()}
+    save_as_lora(model, tmp_path / "lora", tmp_path / "init")
+    assert torch.equal(state, torch.get_rng_state())  # PEFT's own route draws (a temporary adapter's init)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()} and list(model.peft_config) == ["default"]
+    assert (_logits(_load(tmp_path / "lora"), batch) - trained).abs().max() <= EXACT
+    initial = (tmp_path / "init" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="overwrite"):
+        save_as_lora(model, tmp_path / "init", tmp_path / "init")
+    assert (tmp_path / "init" / "adapter_model.safetensors").read_bytes() == initial
