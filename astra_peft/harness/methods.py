@@ -49,6 +49,7 @@ class BuildContext:
     # Yields training batches with labels, for methods that need gradients (LoRA-GA).
     gradient_batches: Optional[Callable[[], Iterable[dict]]] = None
     cache_dir: Optional[Path] = None
+    progress: bool = True  # the run's --no-progress turns the methods' own bars off too (Astra's calibration)
 
     def __post_init__(self):
         check_choices(self)
@@ -265,7 +266,8 @@ def _build_astra(ctx: BuildContext, spec) -> BuiltModel:
 
     from .. import initialize_astra_weights
 
-    config = spec.method_config(seed=ctx.seed)  # the run's seed unless the spec sets one
+    # The run's seed and progress setting unless the spec sets them.
+    config = spec.method_config(seed=ctx.seed, show_progress=ctx.progress)
     batches = _require_batches(ctx, "calibration_batches", "astra")
     model, t_peft = _timed(get_peft_model, ctx.model, lora_config(ctx))
     try:

@@ -24,6 +24,7 @@ from .evaluation import evaluate
 from .methods import METHODS, BuildContext, BuiltModel, build_method, restore_initial_adapter
 from .rundir import RunDir, check_output
 from .trainer import cpu_only  # noqa: F401  (re-exported: it used to live here)
+from .threads import load_average
 from .run_config import FinetuneConfig  # noqa: F401  (the dataclass lives in a light module; see there)
 
 
@@ -169,6 +170,8 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
 
 def _run(cfg: FinetuneConfig, spec, effective: dict, task, run: RunDir, state, callbacks) -> dict:
     """The phases of a run: load, resume point, initialise (or restore), train, evaluate, save."""
+    # CPU time and load beside wall time: on a shared machine, wall time alone says more about the load than the run.
+    cpu_start, load_start = time.process_time(), load_average()
     if cfg.eval_split not in task.splits or not task.splits[cfg.eval_split]:
         raise ValueError(f"task {task.name!r} has no {cfg.eval_split!r} split to evaluate on")
     model, tokenizer, target_modules = _load(cfg, task, state)
@@ -222,6 +225,8 @@ def _run(cfg: FinetuneConfig, spec, effective: dict, task, run: RunDir, state, c
             "total_parameters": total,
             "seconds": {"calibration": built.calibration_seconds, "initialization": built.init_seconds,
                         "training": train_seconds, "evaluation": eval_seconds},
+            "cpu_seconds": time.process_time() - cpu_start,  # this process, all threads, this attempt
+            "load_average": {"start": load_start, "end": load_average()},
             "init_report": built.report,
             "resumed_from": str(checkpoint) if checkpoint else None,
             "init_restored": built.report.get("restored_from") is not None,
@@ -292,7 +297,7 @@ def _initialise(cfg, spec, effective, model, tokenizer, task, target_modules, tr
     set_seed(cfg.seed)
     ctx = BuildContext(model=model, task_kind=task.kind, target_modules=target_modules, rank=effective["rank"],
                        alpha=effective["alpha"], seed=cfg.seed, calibration_batches=calibration_batches,
-                       gradient_batches=gradient_batches)
+                       gradient_batches=gradient_batches, progress=cfg.progress)
     return _build_or_restore(spec, ctx, run, _init_fingerprint(resolved), state.is_main_process)
 
 
