@@ -72,6 +72,8 @@ def test_finetune_then_analyze(tiny, tmp_path, capsys):
                  "--eigen-selection", "largest", "--output", run, *FAST)
     assert done.returncode == 0, done.stderr
     assert "trainable parameters" in done.stdout
+    assert "  dev (" in done.stdout and "  test (" in done.stdout  # split sizes
+    assert "degenerate layers" in done.stdout
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "astra:eigen_selection=largest"
     # The thread count is chosen (here from OMP_NUM_THREADS=1), printed and recorded with the run.
@@ -87,10 +89,17 @@ def test_finetune_then_analyze(tiny, tmp_path, capsys):
                  "--eigen-selection", "largest", "--output", str(run), *FAST]) == 0
     assert (run / "summary.json").read_text() == before  # finished: returned as it is, not run again
 
-    assert main(["analyze", str(run), "--samples", "8"]) == 0
-    assert "self_attn.q_proj" in capsys.readouterr().out
+    assert main(["analyze", str(run), "--samples", "8", "--threads", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "self_attn.q_proj" in out
     for name in ("effective_rank.md", "effective_rank.csv", "effective_rank.png"):
         assert (run / "analysis" / name).stat().st_size > 0
+    # Titled by what was analysed, not by a path, with the number of rows it used.
+    n_dev = config["splits"]["dev"]["size"]
+    rows = min(8, n_dev)
+    assert f"effective rank measured on {rows} rows of the dev split" in out
+    title = (run / "analysis" / "effective_rank.md").read_text().splitlines()[0]
+    assert title == f"# Effective rank: llama · gen · astra:eigen_selection=largest ({rows} dev rows)"
 
 
 def test_output_in_a_log_has_no_cursor_codes_and_no_progress_silences_every_bar(tiny, tmp_path):
