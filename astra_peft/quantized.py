@@ -374,6 +374,7 @@ def initialize_astra_on_quantized(
     shadow_config = copy.deepcopy(peft_model.peft_config[adapter_name])
     shadow_config.init_lora_weights = True
     shadow_config.inference_mode = False
+    shadow_config.base_model_name_or_path = shadow.__dict__.get("name_or_path") or None  # (else PEFT warns)
     shadow_peft = get_peft_model(shadow, shadow_config)
     report = initialize_astra_weights(shadow_peft, dataloader, astra_config, forward_fn=forward_fn)
     factors = {}
