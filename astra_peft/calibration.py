@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import AstraConfig
 from .layers import check_supported, layer_digest, out_in_dims, target_base_layers
-from .sharding import check_not_fsdp1, gather_during_forward
+from .sharding import Lockstep, check_not_fsdp1, gather_during_forward
 from .stats import Accumulator, ActivationStats, LayerRecord
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
@@ -65,7 +65,7 @@ def collect_activation_stats(
     with _calibration_mode(model), gather_during_forward(model):
         batches = iter(dataloader)
         first = next(batches, None)
-        if first is None:
+        if not Lockstep(model).more(first is not None):  # on a sharded model, every rank must have a first batch
             raise ValueError("The calibration dataloader is empty.")
         _padding_mask(first)  # a malformed batch fails here, not inside the model during probing
         forward_fn = forward_fn or default_forward
@@ -241,8 +241,12 @@ class _Collector:
                     handles.append(self.layers[n].register_forward_hook(self._output_hook(n, acc_id)))
         tokens = 0
         bar = tqdm(desc="calibration", unit="tok", disable=not self.config.show_progress)
+        lockstep, batches, end = Lockstep(model), iter(batches), object()
         try:
-            for batch in batches:
+            while True:
+                batch = next(batches, end)
+                if not lockstep.more(batch is not end):
+                    break
                 self.mask = _padding_mask(batch)
                 self._pending.clear()
                 forward_fn(model, batch)
@@ -250,7 +254,7 @@ class _Collector:
                 seen = max(acc.tokens for acc in self.accumulators)
                 bar.update(seen - tokens)
                 tokens = seen
-                if self.config.max_tokens is not None and tokens >= self.config.max_tokens:
+                if lockstep.stop(self.config.max_tokens is not None and tokens >= self.config.max_tokens):
                     break
         finally:
             for h in handles:

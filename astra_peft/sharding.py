@@ -192,3 +192,55 @@ def gather_during_forward(model: nn.Module):
         for stack in open_contexts.values():  # a forward that raised left its module's gather open
             while stack:
                 stack.pop().__exit__(None, None, None)
+
+
+class Lockstep:
+    """Keeps every rank's calibration loop in step on a sharded model.
+
+    Under ZeRO-3 or FSDP2 each forward is a collective operation, so a rank with one batch more than the others
+    would wait for them forever, as would one that stops early at `max_tokens`. Before each batch the ranks agree
+    that all of them have one (or raise, on every rank, if only some do); after it they stop together when any
+    rank has reached its token cap. Off (no communication) for unsharded models or a single process.
+    """
+
+    def __init__(self, model: nn.Module):
+        import torch.distributed as dist
+
+        self.active = (
+            dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and any(is_zero3(p) or is_dtensor(p) for p in model.parameters())
+        )
+        self.batch_index = 0
+
+    def _sum(self, values: list[int], op=None) -> list[int]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def more(self, has_batch: bool) -> bool:
+        """Whether every rank runs another batch; raises on every rank if only some have one."""
+        if not self.active:
+            return has_batch
+        have, lack = self._sum([int(has_batch), int(not has_batch)])
+        if have and lack:
+            import torch.distributed as dist
+
+            raise RuntimeError(
+                f"Calibration batch {self.batch_index}: {have} rank(s) have it and {lack} do not (this rank "
+                f"{dist.get_rank()}: {'has' if has_batch else 'has not'}). On a ZeRO-3/FSDP2-sharded model every "
+                "forward is collective: give every rank the same number of calibration batches."
+            )
+        self.batch_index += 1
+        return bool(have)
+
+    def stop(self, local_stop: bool) -> bool:
+        """True on every rank once any rank wants to stop (its `max_tokens` reached)."""
+        if not self.active:
+            return local_stop
+        import torch.distributed as dist
+
+        return bool(self._sum([int(local_stop)], dist.ReduceOp.MAX)[0])

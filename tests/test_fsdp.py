@@ -62,8 +62,8 @@ def test_fsdp2_matches_single_process_and_is_what_training_steps_from(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp1_is_refused_naming_the_module(tmp_path):
-    _torchrun(ROOT / "tests" / "_fsdp1_refusal.py", tmp_path, nproc=2)
+def test_fsdp1_is_refused_naming_the_module_and_uneven_batches_raise(tmp_path):
+    _torchrun(ROOT / "tests" / "_fsdp_refusals.py", tmp_path, nproc=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
 
 
