@@ -283,6 +283,26 @@ def test_calibration_leaves_the_random_state_alone(tmp_path):
     assert torch.equal(state, torch.get_rng_state())
 
 
+@pytest.mark.slow
+def test_sft_trainer_under_torchrun(tmp_path):
+    """Two CPU ranks (gloo): every rank initialises identically from the union of its shards, the saved model
+    reloads on the original base, and only rank 0 writes."""
+    here = Path(__file__).parent
+    env = {**_env(), "PYTHONPATH": f"{here}{__import__('os').pathsep}{ROOT}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(here / "_trainer_ddp_worker.py"), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    inits = [torch.load(tmp_path / f"init{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+    trained = torch.load(tmp_path / "trained0.pt")
+    assert torch.equal(trained, torch.load(tmp_path / "trained1.pt"))
+    assert (_logits(_load(tmp_path / "final"), _probe(tiny_tokenizer())) - trained).abs().max() <= EXACT
+    for step in (2, 4):
+        assert (tmp_path / "run" / f"checkpoint-{step}" / "astra" / "lora" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_example_runs(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "trainer_trl.py"), "--output", str(tmp_path)],
                             capture_output=True, text=True, timeout=300, env=_env())
