@@ -132,6 +132,11 @@ def _quiet_progress_cls():
     from transformers.trainer_callback import ProgressCallback
 
     class QuietProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:  # named like the other phases' bars (calibration, eval ...)
+                self.training_bar.set_description("training", refresh=False)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.training_bar is not None and logs and "loss" in logs:
                 self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
