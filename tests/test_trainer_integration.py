@@ -401,3 +401,27 @@ def test_save_as_lora_draws_no_random_number_and_keeps_the_initial_adapter(tmp_p
     with pytest.raises(ValueError, match="overwrite"):
         save_as_lora(model, tmp_path / "init", tmp_path / "init")
     assert (tmp_path / "init" / "adapter_model.safetensors").read_bytes() == initial
+
+
+def test_resume_refuses_a_foreign_or_damaged_checkpoint(tmp_path):
+    from peft import get_peft_model
+
+    from astra_peft.integrations import initialize_astra_for_trainer
+    from conftest import tiny_model
+
+    first = _sft(tmp_path / "run", max_steps=3, save_steps=3)
+    initialize_astra_for_trainer(first, AstraConfig(**QUIET), num_batches=4)
+    first.train()
+
+    other_base = _sft(tmp_path / "run", model=get_peft_model(tiny_model("llama", seed=1), lora_config("llama")))
+    with pytest.raises(ValueError, match="another base model"):
+        initialize_astra_for_trainer(other_base, resume_from_checkpoint=True)
+
+    initial = tmp_path / "run" / "checkpoint-3" / "astra" / "initial"
+    get_peft_model(tiny_llama(), lora_config("llama")).save_pretrained(str(tmp_path / "plain"))
+    (initial / "adapter_model.safetensors").write_bytes((tmp_path / "plain" / "adapter_model.safetensors").read_bytes())
+    damaged = _sft(tmp_path / "run", model=get_peft_model(tiny_llama(), lora_config("llama")))
+    before = _bases(damaged.model)
+    with pytest.raises(ValueError, match="damaged"):
+        initialize_astra_for_trainer(damaged, resume_from_checkpoint=True)
+    assert all(torch.equal(v, before[k]) for k, v in _bases(damaged.model).items())

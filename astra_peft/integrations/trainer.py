@@ -22,15 +22,16 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from ..config import AstraConfig
-from ..conversion import copy_adapter
+from ..conversion import adapter_files, copy_adapter
 from ..initialization import AstraReport, initialize_astra_weights
 from ..layers import lora_layers
 from .folders import (
-    ASTRA_MARKER, EXTRA_DIR, FORMAT, INIT_DIR, MANIFEST, base_fingerprint, check_ours, init_sha256, lora_settings, read_manifest,
-    replace_dir, restore_astra_initialization, stage_dir, write_extras, write_json,
+    ASTRA_MARKER, EXTRA_DIR, FORMAT, INIT_DIR, MANIFEST, base_fingerprint, check_ours, init_sha256, lora_settings,
+    read_manifest, replace_dir, restore_astra_initialization, stage_dir, tensors_sha256, write_extras, write_json,
 )
 
 _LABEL_KEYS = ("labels", "label", "label_ids")
@@ -151,14 +152,14 @@ def initialize_astra_for_trainer(
                 f"{checkpoint} was trained on another base model (weight fingerprint {saved['base_fingerprint']} "
                 f"vs {fingerprint} here): build the trainer on the model that run started from."
             )
-        sha = restore_astra_initialization(model, checkpoint / EXTRA_DIR / "initial", adapter_name)
-        if sha != saved["init_sha256"]:
-            raise ValueError(f"{checkpoint / EXTRA_DIR / 'initial'} does not hold the initialisation its manifest "
-                             "names (edited or damaged files).")
+        source = checkpoint / EXTRA_DIR / "initial"
+        if tensors_sha256(load_file(str(adapter_files(source)[1]))) != saved["init_sha256"]:
+            raise ValueError(f"{source} does not hold the initialisation its manifest names (edited or damaged "
+                             "files); the model was left unchanged.")
+        restore_astra_initialization(model, source, adapter_name)
         restored_step = saved["global_step"]
         manifest = {k: saved[k] for k in ("adapter_name", "base_fingerprint", "init_sha256", "lora_settings",
                                           "astra_config")}
-        source = checkpoint / EXTRA_DIR / "initial"
     else:
         config = astra_config or AstraConfig()
         with _same_random_state():
