@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import AstraConfig
 from .layers import check_supported, layer_digest, out_in_dims, target_base_layers
-from .sharding import Lockstep, check_not_fsdp1, gather_during_forward
+from .sharding import Lockstep, check_not_fsdp1, gather_during_forward, unwrap
 from .stats import Accumulator, ActivationStats, LayerRecord
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
@@ -50,6 +50,7 @@ def collect_activation_stats(
     statistics describe the base model). Padding positions (`attention_mask == 0`) are left out.
     """
     astra_config = astra_config or AstraConfig()
+    model = unwrap(model)  # a DeepSpeed engine or DDP: the model inside
     check_not_fsdp1(model)
     layers = target_base_layers(model, lora_config, adapter_name)
     if not layers:

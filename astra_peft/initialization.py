@@ -14,7 +14,7 @@ from .calibration import ForwardFn, collect_activation_stats
 from .config import AccumulatorKind, AstraConfig
 from .layers import check_supported, full_weight, layer_digest, lora_layers, out_in_dims
 from .rewrite import residual_weight
-from .sharding import assign, check_not_fsdp1
+from .sharding import assign, check_not_fsdp1, unwrap
 from .spectrum import Selection, select_eigenvectors
 from .stats import ActivationStats
 
@@ -72,6 +72,7 @@ def initialize_astra_weights(
     computed before the first weight is written, so a failure leaves the model exactly as it was.
     """
     config = astra_config or AstraConfig()
+    peft_model = unwrap(peft_model)  # a DeepSpeed engine or DDP: the PeftModel inside
     check_not_fsdp1(peft_model)
     layers = lora_layers(peft_model, adapter_name)
     if not layers:

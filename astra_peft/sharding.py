@@ -244,3 +244,13 @@ class Lockstep:
         import torch.distributed as dist
 
         return bool(self._sum([int(local_stop)], dist.ReduceOp.MAX)[0])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DeepSpeed engine or a DistributedDataParallel wrapper: their forward runs it, and its
+    layer names are the ones statistics are saved under (without the wrapper's 'module.' prefix)."""
+    while type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel") and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
+        model = model.module
+    return model

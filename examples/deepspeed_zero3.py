@@ -11,9 +11,9 @@ over ranks, so every rank writes the same A, B and residual as one process with 
    from its ZeRO-3 config), `from_pretrained` loads the model already partitioned; Astra gathers one layer at a
    time to calibrate and write; then `deepspeed.initialize` (or `trainer.train()`) builds the optimizer from the
    initialised weights. A model built under `deepspeed.zero.Init` works the same way.
-2. After `deepspeed.initialize`: pass `engine.module`. Astra also writes A and B into the optimizer's fp32
-   master partitions (ZeRO-3, and ZeRO-1/2's); without that, the first `engine.step()` would copy PEFT's
-   default A/B back over them. Should a master not take the values, Astra raises rather than train from them.
+2. After `deepspeed.initialize`: pass the engine (or `engine.module`). Astra also writes A and B into the
+   optimizer's fp32 master partitions (ZeRO-3, and ZeRO-1/2's); without that, the first `engine.step()` would
+   copy PEFT's default A/B back over them. Should a master not take the values, Astra raises rather than train from them.
 
 Do not wrap the call in `deepspeed.zero.GatheredParameters`: Astra gathers what it needs itself, and refuses to
 write inside an outer gather (leaving it would discard the new weights).
@@ -21,6 +21,7 @@ write inside an outer gather (leaving it would discard the new weights).
 
 import sys
 import tempfile
+from functools import partial
 
 import deepspeed
 import torch
@@ -37,7 +38,9 @@ LR = 1e-4
 
 def ds_config(stage: int = 3, persistence_threshold: int = 0) -> dict:
     # persistence threshold 0: even this tiny model's parameters are partitioned, as a large model's are.
-    zero = {"stage": stage, "stage3_param_persistence_threshold": persistence_threshold} if stage == 3 else {"stage": stage}
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": zero,
@@ -93,11 +96,11 @@ def astra_before_engine(config: dict, my_batches: list[dict]):
     return engine
 
 
-def astra_after_engine(config: dict, my_batches: list[dict]):
+def astra_after_engine(config: dict, my_batches: list[dict], pass_engine: bool = False):
     model = get_peft_model(tiny_llama(), lora_config())
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
-    initialize_astra_weights(engine.module, my_batches, astra_config())
+    initialize_astra_weights(engine if pass_engine else engine.module, my_batches, astra_config())
     return engine
 
 
@@ -127,8 +130,10 @@ def main(out_dir=None) -> dict:
     routes = {
         "before_engine": (astra_before_engine, ds_config()),
         "after_engine": (astra_after_engine, ds_config()),
-        # small parameters the engine keeps whole ("persistent"), and ZeRO-2's fp32 masters of unsplit weights
-        "after_engine_persistent": (astra_after_engine, ds_config(persistence_threshold=10**6)),
+        # the engine itself passed, its small parameters kept whole ("persistent"); and ZeRO-2's fp32 masters
+        "after_engine_persistent": (
+            partial(astra_after_engine, pass_engine=True), ds_config(persistence_threshold=10**6)
+        ),
         "after_engine_zero2": (astra_after_engine, ds_config(stage=2)),
     }
     for route, (build, config) in routes.items():
