@@ -105,9 +105,17 @@ def _naive_load(path, tmp_path):
 def test_save_model_reloads_on_the_original_base(tmp_path, kind):
     from astra_peft.integrations import initialize_astra_for_trainer
 
+    import itertools
+
     trainer = _sft(tmp_path / "run") if kind == "sft" else _plain_trainer(tmp_path / "run")
+    state = torch.get_rng_state()
+    batches = list(itertools.islice(trainer.get_train_dataloader(), 4))  # what the calibration will read
+    torch.set_rng_state(state)
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
     report = initialize_astra_for_trainer(trainer, AstraConfig(**QUIET), num_batches=4)
     assert len(report.layers) == 14
+    assert real < padded and all(layer.tokens == real for layer in report.layers)  # the collator's padding left out
     trainer.train()
     batch = _probe(tiny_tokenizer())
     trained = _logits(trainer.model, batch)
