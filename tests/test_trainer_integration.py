@@ -276,8 +276,12 @@ def test_errors_name_what_to_do(tmp_path):
         initialize_astra_for_trainer(trainer, resume_from_checkpoint=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="not a PeftModel"):
         initialize_astra_for_trainer(_sft(tmp_path / "plain", model=tiny_llama()))
-    (tmp_path / "run").mkdir(exist_ok=True)
-    (tmp_path / "run" / "astra_init").mkdir()  # a folder of the user's: never replaced
+    initialize_astra_for_trainer(trainer, AstraConfig(**QUIET), num_batches=4)
+    with pytest.raises(ValueError, match="overwrite the initial adapter"):
+        trainer.save_model(str(tmp_path / "run" / "astra_init"))
+    trainer = _sft(tmp_path / "other")
+    (tmp_path / "other").mkdir(exist_ok=True)
+    (tmp_path / "other" / "astra_init").mkdir()  # a folder of the user's: never replaced
     with pytest.raises(FileExistsError, match="not written by astra-peft"):
         initialize_astra_for_trainer(trainer, AstraConfig(**QUIET), num_batches=4)
 

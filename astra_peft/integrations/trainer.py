@@ -247,8 +247,11 @@ def _wrap_save_model(trainer, callback: AstraTrainerCallback) -> None:
 
     @functools.wraps(original)
     def save_model(output_dir: Optional[str] = None, _internal_call: bool = False):
-        original(output_dir, _internal_call=_internal_call)
         folder = Path(output_dir if output_dir is not None else trainer.args.output_dir)
+        if folder.resolve() == callback.initial_dir.resolve():
+            raise ValueError(f"save_model({str(folder)!r}) would overwrite the initial adapter the conversions need: "
+                             "choose another folder.")
+        original(output_dir, _internal_call=_internal_call)
         in_checkpoint = _internal_call and folder.name == f"checkpoint-{trainer.state.global_step}"
         if trainer.args.should_save and not in_checkpoint:
             callback.finish_saved_model(folder, trainer.state.global_step)
