@@ -415,3 +415,33 @@ def test_two_processes_writing_one_json_file_do_not_collide(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert json.loads(path.read_text())["i"] == 1999
     assert [p.name for p in tmp_path.iterdir()] == ["compare.json"]
+
+
+def test_run_folders_from_before_markers_are_adopted(tiny, tmp_path):
+    """A run or comparison folder written before folders carried a marker (the study's packed runs): one that
+    holds nothing but astra's own files and records is recognised, skipped when finished with the same settings,
+    refused (naming them) with other settings; one with anything else in it stays refused."""
+    from astra_peft.harness.compare import run_compare
+    from astra_peft.harness.rundir import MARKER
+    from astra_peft.harness.training import FinetuneConfig
+
+    run = tmp_path / "run"
+    first = finetune(tiny, run, max_steps=2, save_steps=0)
+    (run / MARKER).unlink()
+    assert finetune(tiny, run, max_steps=2, save_steps=0) == first and (run / MARKER).is_file()  # adopted
+    (run / MARKER).unlink()
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.005 → 0.001\)"):
+        finetune(tiny, run, max_steps=2, save_steps=0, lr=1e-3)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an astra run folder"):
+        finetune(tiny, run, max_steps=2, save_steps=0)
+
+    base = FinetuneConfig(model=tiny["llama"], data=tiny["gen"], output=str(tmp_path), max_steps=2, batch_size=4,
+                          lr=5e-3, rank=4, alpha=8, progress=False, save_steps=0)
+    cmp = tmp_path / "cmp"
+    run_compare(base, "lora", [0], output=cmp, log=lambda m: None)
+    for marker in cmp.rglob(MARKER):
+        marker.unlink()
+    logs = []
+    run_compare(base, "lora", [0], output=cmp, log=logs.append)
+    assert any("skipped" in m for m in logs) and not any("running" in m for m in logs)

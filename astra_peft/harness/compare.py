@@ -112,14 +112,16 @@ def run_compare(
 
 def _rerun_reason(run: RunDir, cfg: FinetuneConfig) -> Optional[str]:
     """None if `run` is finished with exactly `cfg`'s settings; else why it runs (again)."""
-    marker = run.read_marker() if run.is_ours() else None
-    if marker and marker.get("settings"):
-        diff = settings_diff(marker["settings"], run_settings(cfg, _load_task(cfg)))
+    if not run.path.is_dir():
+        return "running"
+    recorded = run.recorded_settings(current := run_settings(cfg, _load_task(cfg)))
+    if recorded:
+        diff = settings_diff(recorded, current)
         if diff:
             return f"settings changed ({diff}), running again"
     if run.is_finished():
         return None
-    return "resuming" if marker else "running"
+    return "resuming" if recorded else "running"
 
 
 def _with_history(run: RunDir) -> dict:

@@ -132,6 +132,10 @@ class _OwnedDir:
 
     KIND = "?"
     OWNED: tuple[str, ...] = ()
+    # A folder written before folders carried a marker is recognised by this file of ours holding these keys
+    # (and nothing in the folder but names we own): the study's packed run folders, older users' runs.
+    LEGACY_FILE: Optional[str] = None
+    LEGACY_KEYS: tuple[str, ...] = ()
 
     def __init__(self, path):
         self.path = Path(path)
@@ -189,6 +193,8 @@ class _OwnedDir:
         if not self.path.is_dir() or self._is_empty():
             return
         marker = self.read_marker()
+        if marker is None and self._is_legacy():
+            return
         if marker is None:
             raise UserError(f"{self.path} is not empty and is not an astra {self.KIND} folder (it has no {MARKER}); "
                             f"astra writes only into a new or empty folder or one it made itself, so nothing of "
@@ -211,6 +217,11 @@ class _OwnedDir:
         self.check_writable()
         self.path.mkdir(parents=True, exist_ok=True)
         marker = self.read_marker()
+        if marker is None and self._is_legacy():
+            marker = {"settings": self._legacy_settings(settings)}  # what its own record says it was made with
+            if not settings_diff(marker["settings"], settings) and not restart:
+                self._write_marker(settings)
+                return "same"
         if marker is None:
             self._write_marker(settings)
             return "new"
@@ -226,6 +237,36 @@ class _OwnedDir:
         raise UserError(f"{self.path} holds a {self.KIND} made with other settings ({diff}); rerun with those "
                         f"settings to resume or reuse it, use --restart to start it afresh (this removes only the "
                         f"files astra made there), or choose another --output")
+
+    def _is_legacy(self) -> bool:
+        if self.LEGACY_FILE is None or self.marker_path.exists() or not self.path.is_dir():
+            return False
+        owned = set(self.OWNED)
+        for entry in self.path.iterdir():
+            leftover = entry.name.startswith(TMP_PREFIX) or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+            if entry.name not in owned and not leftover:
+                return False
+        try:
+            record = json.loads((self.path / self.LEGACY_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and all(key in record for key in self.LEGACY_KEYS)
+
+    def _legacy_settings(self, settings: dict) -> dict:
+        return settings  # overridden where the legacy record says more
+
+    def recorded_settings(self, current: dict) -> Optional[dict]:
+        """The settings the folder says it was made with (its marker, or the record of a folder from before
+        markers, read in `current`'s shape); None for a folder that is new, empty or not ours."""
+        if not self.path.is_dir():
+            return None
+        if self._is_legacy():
+            return self._legacy_settings(current)
+        try:
+            marker = self.read_marker()
+        except ValueError:
+            return None
+        return marker.get("settings") if marker and marker.get("kind") == self.KIND else None
 
     def _marker_damaged(self) -> bool:
         try:
@@ -320,12 +361,31 @@ class RunDir(_OwnedDir):
     # What a fresh start (no checkpoint to resume) removes: everything an earlier attempt trained. adapter_init/
     # and init.json stay: init.json's fingerprint decides whether the initialisation can be reused.
     TRAINED = (METRICS, SUMMARY, ERROR, ADAPTER, ADAPTER_LORA, MODEL, CHECKPOINTS)
+    LEGACY_FILE, LEGACY_KEYS = CONFIG, ("method_spec", "effective", "splits", "versions", "task_name")
+
+    def _legacy_settings(self, settings: dict) -> dict:
+        """The settings a run folder from before markers was made with, in `settings`' shape, from its config.json:
+        every FinetuneConfig field, the task and its split hashes, and the model as named. (Its code versions are
+        not compared: they were recorded, but any release since would differ.)"""
+        config = self.read_config() or {}
+        old = {key: config.get(key, value) for key, value in settings.items()
+               if key not in ("model", "data", "versions")}
+        model = settings.get("model")
+        named = config.get("model")
+        same_model = named == model or (isinstance(model, dict) and named is not None
+                                        and str(Path(named).expanduser().resolve()) == model.get("path"))
+        old["model"] = model if same_model else named
+        data = dict(settings.get("data") or {})
+        data.update({"task": config.get("task_name"), "kind": config.get("task_kind")})
+        data.update({split: (info or {}).get("sha256") for split, info in (config.get("splits") or {}).items()})
+        old["data"], old["versions"] = data, settings.get("versions")
+        return old
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     def is_finished(self) -> bool:
-        return self.file(self.SUMMARY).is_file() and self.is_ours()
+        return self.file(self.SUMMARY).is_file() and (self.is_ours() or self._is_legacy())
 
     # ---- JSON files
 
@@ -458,6 +518,7 @@ class CompareDir(_OwnedDir):
     COMPARE, RUNS = "compare.json", "runs"
     REPORT = ("summary.md", "summary.csv", "loss.png", "grad_norm.png")
     OWNED = (MARKER, LOCK, COMPARE, RUNS, *REPORT)
+    LEGACY_FILE, LEGACY_KEYS = COMPARE, ("base", "methods", "seeds", "tasks")
 
     def claim_folder(self) -> None:
         """Make the folder ours (new, empty or already a comparison); the runs inside have their own settings.
@@ -467,8 +528,9 @@ class CompareDir(_OwnedDir):
         """
         self.check_writable()
         self.path.mkdir(parents=True, exist_ok=True)
-        if self.read_marker() is None:
-            self._write_marker({}, made={})
+        if self.read_marker() is None:  # new, empty, or ours from before markers: its report files are ours
+            made = {n: _sha256(self.path / n) for n in self.REPORT if (self.path / n).is_file()}
+            self._write_marker({}, made=made)
 
     def run_dir(self, task_label: str, method_slug: str, seed: int) -> RunDir:
         """runs/TASK/METHOD/seedN, from sanitised names, checked to lie inside this folder."""
