@@ -254,3 +254,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     ):
         model = model.module
     return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors (LoRA A/B, `modules_to_save`) whole, on CPU, for saving a sharded model's adapter.
+
+    PEFT's `save_pretrained` reads `model.state_dict()`: under ZeRO-3 that holds 0-element placeholders, which it
+    writes without an error (an adapter of empty tensors), and under FSDP2 it holds DTensor shards. Pass this
+    instead: `model.save_pretrained(folder, state_dict=adapter_state_dict(model))`. Every rank must call it (the
+    gather is collective); let one rank save.
+
+    Args:
+        model: A PeftModel, or a DeepSpeed engine / DDP wrapper around one.
+
+    Returns:
+        Parameter name → full tensor, for every trainable parameter and every LoRA factor.
+    """
+    model = unwrap(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or "lora_" in n]
+    with full_tensors([p for _, p in named]) as values:
+        return {n: v.detach().to("cpu", copy=True) for (n, _), v in zip(named, values)}

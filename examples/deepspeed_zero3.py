@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from astra_peft import AstraConfig, initialize_astra_weights
+from astra_peft.sharding import adapter_state_dict
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-4
@@ -139,6 +140,11 @@ def main(out_dir=None) -> dict:
     for route, (build, config) in routes.items():
         engine = build(config, batches[rank::world])
         at_init = snapshot(engine.module)
+        # The initial adapter (e.g. for save_as_lora later): PEFT's own save_pretrained would write ZeRO-3's empty
+        # placeholders, so gather it first (every rank), and let one rank write it.
+        initial = adapter_state_dict(engine)
+        if rank == 0 and out_dir:
+            engine.module.save_pretrained(f"{out_dir}/{route}_initial_adapter", state_dict=initial)
         with torch.no_grad():
             logits = engine.module(**batches[0]).logits
         train_step(engine, batches[rank])

@@ -25,6 +25,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from astra_peft import AstraConfig, initialize_astra_weights
+from astra_peft.sharding import adapter_state_dict
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-4
@@ -103,6 +104,10 @@ def main(out_dir=None) -> dict:
         model = build(batches[rank::world])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
         at_init = snapshot(model)
+        # The initial adapter (e.g. for save_as_lora later): whole tensors, not this rank's DTensor shards.
+        initial = adapter_state_dict(model)
+        if rank == 0 and out_dir:
+            model.save_pretrained(f"{out_dir}/{route}_initial_adapter", state_dict=initial)
         with torch.no_grad():
             logits = model(**batches[0]).logits
         train_step(model, optimizer, batches[rank])

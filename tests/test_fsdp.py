@@ -47,6 +47,10 @@ def test_fsdp2_matches_single_process_and_is_what_training_steps_from(tmp_path):
     reference = get_peft_model(ex.tiny_llama(), ex.lora_config())
     initialize_astra_weights(reference, ex.calibration_batches(), ex.astra_config())
     expected = {n: p.detach() for n, p in reference.named_parameters()}
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    reference_adapter = get_peft_model_state_dict(reference)
 
     assert set(results) == {"before_sharding", "after_sharding"}
     for route, got in results.items():
@@ -57,6 +61,10 @@ def test_fsdp2_matches_single_process_and_is_what_training_steps_from(tmp_path):
         for name, value in got["step"].items():  # one AdamW step: ≤ ~lr per trainable entry, frozen ones still
             moved = (value - got["init"][name]).abs().max().item()
             assert moved <= (0.0 if "base_layer" in name else 1.5 * ex.LR), (route, name, moved)
+        # The initial adapter saved from the sharded model holds the reference's tensors, whole.
+        saved = load_file(tmp_path / f"{route}_initial_adapter" / "adapter_model.safetensors")
+        assert saved.keys() == reference_adapter.keys(), route
+        assert max((saved[k] - reference_adapter[k]).abs().max().item() for k in saved) <= 1e-6, route
         astra_b = max(v.abs().max().item() for n, v in got["init"].items() if "lora_B" in n)
         assert astra_b > 1000 * ex.LR, route  # Astra's B, far from PEFT's zeros
 
