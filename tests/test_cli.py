@@ -204,3 +204,31 @@ def test_paper_presets_and_explicit_flags():
     cfg = _config(args, model="minilm-l6", task="mr", data=None, eval_data=None, method="lora", output="o")
     assert (cfg.rank, cfg.alpha, cfg.batch_size * cfg.grad_accum, cfg.max_length) == (128, 128.0, 128, 512)
     assert cfg.lr == 1e-4 and cfg.warmup == 0.03 and cfg.weight_decay == 0.0 and cfg.scheduler == "cosine"
+
+
+def test_demo_says_its_plan_and_threads_before_it_starts(tmp_path, monkeypatch, capsys):
+    """The demo's runs are replaced by a stub: what is checked is what it prints before and after them."""
+    from astra_peft.harness import compare
+    from astra_peft.harness.cli import main
+
+    seen = {}
+
+    def fake_run_compare(cfg, methods, seeds, output):
+        seen.update(threads=cfg.threads, progress=cfg.progress, printed=capsys.readouterr().out)
+        out = tmp_path / "demo"
+        out.mkdir()
+        for name in ("summary.md", "summary.csv", "loss.png", "grad_norm.png"):
+            (out / name).write_text("| table |")
+        return {"summary_md": out / "summary.md", "summary_csv": out / "summary.csv", "loss_png": out / "loss.png",
+                "grad_norm_png": out / "grad_norm.png"}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run_compare)
+    monkeypatch.setenv("ASTRA_PEFT_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--threads", "1", "--no-progress"]) == 0
+    assert seen["threads"] == 1 and seen["progress"] is False
+    before = seen["printed"]
+    assert "astra demo: threads: 1 (--threads)" in before
+    assert "fetch and convert smollm2-135m" in before  # the cache is empty: the fetch is announced
+    assert "3 runs of 40 steps" in before and "min on an idle 2-core CPU" in before
+    after = capsys.readouterr().out
+    assert "| table |" in after and "CPU time of this process" in after
