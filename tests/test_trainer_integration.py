@@ -276,6 +276,10 @@ def test_errors_name_what_to_do(tmp_path):
         initialize_astra_for_trainer(trainer, resume_from_checkpoint=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="not a PeftModel"):
         initialize_astra_for_trainer(_sft(tmp_path / "plain", model=tiny_llama()))
+    sharded = _sft(tmp_path / "sharded")
+    next(sharded.model.parameters()).ds_id = 0  # what a ZeRO-3 partitioned parameter carries
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        initialize_astra_for_trainer(sharded)
     initialize_astra_for_trainer(trainer, AstraConfig(**QUIET), num_batches=4)
     with pytest.raises(ValueError, match="overwrite the initial adapter"):
         trainer.save_model(str(tmp_path / "run" / "astra_init"))

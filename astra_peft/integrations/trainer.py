@@ -121,14 +121,16 @@ def initialize_astra_for_trainer(
         The `AstraReport` of a fresh initialisation; None when restored for a resume.
 
     Raises:
-        ValueError: The trainer's model is not a single-adapter PeftModel, `num_batches` < 1, the batches hold too
-            few tokens (the message says how to get more), or the checkpoint does not fit the model.
+        ValueError: The trainer's model is not a single-adapter PeftModel, the trainer uses DeepSpeed ZeRO-3 or FSDP
+            (not supported yet), `num_batches` < 1, the batches hold too few tokens (the message says how to get
+            more), or the checkpoint does not fit the model.
         RuntimeError: The trainer has started (an optimizer exists or `global_step` > 0), or the model was
             already initialised by Astra.
         FileNotFoundError: The checkpoint has no `astra/` folder (it was not written with this callback).
     """
     model, adapter_name = _single_adapter_model(trainer)
     _refuse_started(trainer)
+    _refuse_sharded(trainer, model)
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}.")
     output_dir = Path(trainer.args.output_dir)
@@ -284,6 +286,19 @@ def _refuse_started(trainer) -> None:
             "callback (on a resumed run that would overwrite the checkpoint's adapter). To resume, build a new "
             "trainer and call initialize_astra_for_trainer(trainer, resume_from_checkpoint=...) before "
             "trainer.train(resume_from_checkpoint=...)."
+        )
+
+
+def _refuse_sharded(trainer, model) -> None:
+    # Saving the initial adapter and hashing it read whole tensors, and the checkpoints' conversion reads what
+    # Trainer saved; neither is tested with ZeRO-3 partitions or FSDP, so they are refused rather than risked.
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    if partitioned or getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            "initialize_astra_for_trainer does not support "
+            f"{'DeepSpeed ZeRO-3' if partitioned else 'FSDP'} trainers yet: initialise with "
+            "astra_peft.initialize_astra_weights before building the trainer (see the README's DeepSpeed and FSDP "
+            "routes), save the adapter right after, and convert at the end with astra_peft.save_as_lora."
         )
 
 
