@@ -42,3 +42,10 @@ def test_bad_requests_are_refused(bad):
 def test_bad_environment_is_named():
     with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
         choose_threads(None, environ={"OMP_NUM_THREADS": "many"})
+
+
+def test_processes_started_by_a_launcher_share_the_cores():
+    # torchrun --nproc_per_node 2 on an idle 4-core machine: 2 threads each, not 4 each.
+    choice = choose_threads(None, environ={"LOCAL_WORLD_SIZE": "2"}, loadavg=0.0, cores=(4, 4))
+    assert choice.threads == 2 and "shared by 2 processes" in choice.describe()
+    assert choose_threads(None, environ={"LOCAL_WORLD_SIZE": "4"}, loadavg=1.0, cores=(2, 2)).threads == 1

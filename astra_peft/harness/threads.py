@@ -40,7 +40,8 @@ def usable_cores() -> tuple[int, int]:
 
 def choose_threads(requested: int | None = None, *, environ=None, loadavg=None, cores=None) -> ThreadChoice:
     """The thread count for a run: `requested` (--threads) if given, else $OMP_NUM_THREADS if set, else
-    min(physical cores, logical CPUs not busy by the 1-minute load average), at least 1.
+    min(physical cores, logical CPUs not busy by the 1-minute load average), at least 1, shared between the
+    processes of this machine when a launcher (torchrun, accelerate) started several ($LOCAL_WORLD_SIZE).
 
     The load average counts runnable processes, so `logical - load` is roughly how many CPUs nothing else
     wants right now; asking for more only makes our own threads wait on each other (see the module docstring).
@@ -64,8 +65,11 @@ def choose_threads(requested: int | None = None, *, environ=None, loadavg=None, 
     except OSError:  # no load average on this system: torch's own default
         return ThreadChoice(physical, f"{physical} physical cores; --threads N to change")
     free = logical - int(round(load))
-    threads = max(1, min(physical, free))
-    return ThreadChoice(threads, f"{physical} physical cores, load {load:.1f} on {logical} CPUs; "
+    local = environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    threads = max(1, min(physical, free) // processes)
+    shared = f", shared by {processes} processes" if processes > 1 else ""
+    return ThreadChoice(threads, f"{physical} physical cores, load {load:.1f} on {logical} CPUs{shared}; "
                                  "--threads N to change")
 
 
