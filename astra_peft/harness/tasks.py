@@ -15,7 +15,8 @@ import hashlib
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from ..config import check_choices
@@ -47,12 +48,19 @@ class Task:
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """A built-in task: what `astra tasks` lists, how its rows are split, and `build`, which fetches (first use
+    only) and reads the raw data into (labels or None, rows, group keys or None)."""
+
     name: str
     kind: TaskKind
     description: str
     source: str
     n_test: int
     n_dev: int
+    build: Callable[[], tuple] = field(compare=False, repr=False)
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 def rows_sha256(rows: list[dict]) -> str:
@@ -165,23 +173,20 @@ def _multiple_choice(key: str):
 
 BUILTIN_TASKS: dict[str, TaskSpec] = {s.name: s for s in [
     TaskSpec("mr", "classification", "Pang & Lee movie-review sentence polarity (negative/positive)",
-             f"debian:{PATTERN_DEB} {PANG_LEE_CSV}", 500, 200),
+             f"debian:{PATTERN_DEB} {PANG_LEE_CSV}", 500, 200, build=_mr),
     TaskSpec("intent", "classification", "Utterance intent, 7 classes (BIG-bench intent_recognition)",
-             f"pypi:{BIGBENCH} intent_recognition", 200, 100),
+             f"pypi:{BIGBENCH} intent_recognition", 200, 100, build=_intent),
     TaskSpec("nli", "classification", "Presupposition NLI: entailment/neutral/contradiction",
-             f"pypi:{BIGBENCH} presuppositions_as_nli", 200, 100),
+             f"pypi:{BIGBENCH} presuppositions_as_nli", 200, 100, build=_nli),
     TaskSpec("strategyqa-yn", "classification", "StrategyQA question classified as no/yes",
-             f"pypi:{BIGBENCH} strategyqa", 500, 200),
+             f"pypi:{BIGBENCH} strategyqa", 500, 200, build=_strategyqa_yn),
     TaskSpec("strategyqa", "generation", "StrategyQA: ' Yes.'/' No.' then the rationale; scored Yes vs No",
-             f"pypi:{BIGBENCH} strategyqa", 500, 200),
+             f"pypi:{BIGBENCH} strategyqa", 500, 200, build=_strategyqa),
     TaskSpec("math-qa", "generation", "Elementary math word problems, multiple choice by log-likelihood",
-             f"pypi:{BIGBENCH} elementary_math_qa/question_only", 500, 200),
+             f"pypi:{BIGBENCH} elementary_math_qa/question_only", 500, 200, build=_multiple_choice("elementary_math_qa")),
     TaskSpec("social-iqa", "generation", "Social IQa commonsense, 3-way multiple choice by log-likelihood",
-             f"pypi:{BIGBENCH} social_iqa", 500, 200),
+             f"pypi:{BIGBENCH} social_iqa", 500, 200, build=_multiple_choice("social_iqa")),
 ]}
-_BUILDERS = {"mr": _mr, "intent": _intent, "nli": _nli, "strategyqa-yn": _strategyqa_yn,
-             "strategyqa": _strategyqa, "math-qa": _multiple_choice("elementary_math_qa"),
-             "social-iqa": _multiple_choice("social_iqa")}
 BUILTIN_CORPORA = {"xsum": "GEM XSum news articles (BIG-bench gem/xsum, 1,001 articles), for calibration only"}
 
 
@@ -194,7 +199,7 @@ def load_task(name: str) -> Task:
             return load_jsonl_task(name)
         raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)} (or a .jsonl path)")
     spec = BUILTIN_TASKS[name]
-    labels, rows, groups = _BUILDERS[name]()
+    labels, rows, groups = spec.build()
     return Task(name, spec.kind, labels, fixed_split(rows, spec.n_test, spec.n_dev, groups or _group_keys(rows)))
 
 
