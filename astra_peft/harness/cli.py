@@ -201,6 +201,7 @@ def cmd_analyze(args) -> int:
 
     from .evaluation import analyze_run
     from .report import effective_rank_table, write_effective_rank
+    from .rundir import RunDir
 
     _start(args, "analyze")
     before, after = analyze_run(args.run, split=args.split, samples=args.samples, progress=args.progress)
@@ -208,7 +209,7 @@ def cmd_analyze(args) -> int:
     # Title with what was analysed (model, task, method), not the run's path; the row count is what the
     # effective ranks were measured on, which may be fewer than --samples on a small split.
     title = "Effective rank"
-    config_path = Path(args.run) / "config.json"
+    config_path = RunDir(args.run).file(RunDir.CONFIG)
     if config_path.is_file():
         run_cfg = json.loads(config_path.read_text())
         what = [str(run_cfg.get(k)) for k in ("model", "task_name", "method") if run_cfg.get(k)]
@@ -220,7 +221,7 @@ def cmd_analyze(args) -> int:
     if n_rows is not None:
         title += f" ({n_rows} {args.split} rows)"
         print(f"astra analyze: effective rank measured on {n_rows} rows of the {args.split} split")
-    paths = write_effective_rank(rows, Path(args.output or Path(args.run) / "analysis"), title=title)
+    paths = write_effective_rank(rows, Path(args.output or RunDir(args.run).file(RunDir.ANALYSIS)), title=title)
     print(Path(paths["md"]).read_text())
     for name, path in paths.items():
         print(f"{name}: {path}")

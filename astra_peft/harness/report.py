@@ -151,9 +151,12 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
           f"Times: wall seconds per run.", *_load_note(runs), ""]
     for s in splits:
         md += [f"## {s} split", "", markdown_table(runs, s, methods, tasks), ""]
-    write_text_atomic(out_dir / "summary.md", "\n".join(md))
+    from .rundir import CompareDir  # the comparison folder's file names live there
 
-    with atomic_path(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
+    md_path, csv_path, loss_path, grad_norm_path = (out_dir / name for name in CompareDir.REPORT)
+    write_text_atomic(md_path, "\n".join(md))
+
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         for i, s in enumerate(splits):
             task_names, rows = summary_rows(runs, s, methods, tasks)
@@ -168,9 +171,9 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
                                  *_mean_std(row["average"]), *_mean_std(row["train_loss"]),
                                  _mean_std(row["prep_seconds"])[0], _mean_std(row["train_seconds"])[0],
                                  _mean_std(row["run_seconds"])[0], _mean_std(row["cpu_seconds"])[0]])
-    paths = {"summary_md": out_dir / "summary.md", "summary_csv": out_dir / "summary.csv"}
-    paths["loss_png"] = plot_curves(runs, "loss", out_dir / "loss.png", methods=methods, tasks=tasks)
-    paths["grad_norm_png"] = plot_curves(runs, "grad_norm", out_dir / "grad_norm.png", methods=methods, tasks=tasks)
+    paths = {"summary_md": md_path, "summary_csv": csv_path}
+    paths["loss_png"] = plot_curves(runs, "loss", loss_path, methods=methods, tasks=tasks)
+    paths["grad_norm_png"] = plot_curves(runs, "grad_norm", grad_norm_path, methods=methods, tasks=tasks)
     return paths
 
 

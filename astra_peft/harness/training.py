@@ -164,6 +164,8 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
             run.claim(settings, restart=force, restart_if_changed=restart_if_changed)
         state.wait_for_everyone()
         if run.is_finished():
+            if state.is_main_process:
+                run.clear([RunDir.CHECKPOINTS])  # a kill between the summary and this removal left them
             return run.read_summary()
         return _run(cfg, spec, effective, task, run, state, callbacks)
 
