@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.lora import LoraLayer
+from tqdm.auto import tqdm
 
 from .calibration import effective_rank_stats
 from .layers import SUPPORTED_BASE_LAYERS, canonical_name, lora_layers
@@ -24,6 +25,7 @@ def effective_ranks(
     forward_fn=None,
     max_tokens: int | None = None,
     adapter_name: str = "default",
+    show_progress: bool = True,
 ) -> dict[str, float]:
     """Effective rank (Eq. 9) of the output-activation covariance of each layer, as the model runs now.
 
@@ -37,6 +39,8 @@ def effective_ranks(
         forward_fn: How to run the model on one batch, for models that need another call.
         max_tokens: Stop after the batch that brings the token count to this budget.
         adapter_name: The adapter whose layers are measured when `target_modules` is None.
+        show_progress: Progress bars for the forward passes and for the per-layer eigenvalues (on a large
+            model the eigenvalues take minutes; without a bar that time is silent).
 
     Returns:
         {layer name (canonical, as in the base model): effective rank}.
@@ -57,5 +61,7 @@ def effective_ranks(
         }
     if not modules:
         raise ValueError("No layer to measure: pass target_modules, or a PeftModel with LoRA layers.")
-    stats = effective_rank_stats(model, dataloader, modules, forward_fn=forward_fn, max_tokens=max_tokens)
-    return {name: effective_rank(eigenvalues(stats.output_statistic(name, "covariance"))) for name in modules}
+    stats = effective_rank_stats(model, dataloader, modules, forward_fn=forward_fn, max_tokens=max_tokens,
+                                 show_progress=show_progress)
+    names = tqdm(modules, desc="effective rank", unit="layer", disable=not show_progress)
+    return {name: effective_rank(eigenvalues(stats.output_statistic(name, "covariance"))) for name in names}

@@ -86,10 +86,11 @@ def collect_activation_stats(
 
 
 def effective_rank_stats(
-    model: nn.Module, dataloader: Iterable, modules: dict[str, nn.Module], *, forward_fn=None, max_tokens=None
+    model: nn.Module, dataloader: Iterable, modules: dict[str, nn.Module], *, forward_fn=None, max_tokens=None,
+    show_progress: bool = True,
 ) -> ActivationStats:
     """Output statistics of `modules` exactly as they run (LoRA layers include their adapter)."""
-    config = AstraConfig(statistic_source="output", max_tokens=max_tokens)
+    config = AstraConfig(statistic_source="output", max_tokens=max_tokens, show_progress=show_progress)
     groups = [[name] for name in modules]
     collector = _Collector(modules, _plan(modules, groups, config, "moments"), config)
     with _calibration_mode(model, disable_adapters=False):

@@ -90,8 +90,9 @@ def test_finetune_then_analyze(tiny, tmp_path, capsys):
     assert (run / "summary.json").read_text() == before  # finished: returned as it is, not run again
 
     assert main(["analyze", str(run), "--samples", "8", "--threads", "1", "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "self_attn.q_proj" in out
+    assert "effective rank:" not in err and "calibration:" not in err  # --no-progress: no bar at all
     for name in ("effective_rank.md", "effective_rank.csv", "effective_rank.png"):
         assert (run / "analysis" / name).stat().st_size > 0
     # Titled by what was analysed, not by a path, with the number of rows it used.
@@ -100,6 +101,9 @@ def test_finetune_then_analyze(tiny, tmp_path, capsys):
     assert f"effective rank measured on {rows} rows of the dev split" in out
     title = (run / "analysis" / "effective_rank.md").read_text().splitlines()[0]
     assert title == f"# Effective rank: llama · gen · astra:eigen_selection=largest ({rows} dev rows)"
+    # With bars on, the per-layer eigenvalues (minutes on a large model) show progress too.
+    assert main(["analyze", str(run), "--samples", "8", "--threads", "1", "--output", str(tmp_path / "a2")]) == 0
+    assert "effective rank:" in capsys.readouterr().err
 
 
 def test_output_in_a_log_has_no_cursor_codes_and_no_progress_silences_every_bar(tiny, tmp_path):

@@ -167,7 +167,7 @@ def analyze_run(run_dir, *, split: str = "dev", samples: int = 64, batch_size: i
         collate = Collator(pad_id(tokenizer), with_labels=False)
         batches = [collate(features[i : i + batch_size]) for i in range(0, len(features), batch_size)]
         model.eval()
-        return effective_ranks(model, batches, targets or _linear_names(model))
+        return effective_ranks(model, batches, targets or _linear_names(model), show_progress=progress)
 
     base, tokenizer = load_model(config["model"], task_kind=task.kind, num_labels=num_labels)
     before = measure(base, tokenizer)
