@@ -1,4 +1,5 @@
-"""Under torchrun (one process is enough): what Astra refuses on a ZeRO-3 model, and what it allows."""
+"""Under torchrun (one process is enough): Astra on a ZeRO-3-partitioned model before any engine exists, on
+LLaMA and GPT-2 (whose Conv1D stores Wᵀ), and what it refuses."""
 
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
-from conftest import make_batches, peft_model, tiny_llama, lora_config
+from conftest import MODELS, lora_config, make_batches, peft_model
 
 from astra_peft import collect_activation_stats, initialize_astra_weights
 from astra_peft.layers import lora_layers
@@ -14,12 +15,32 @@ from peft import get_peft_model
 
 deepspeed.init_distributed("gloo")
 config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-with deepspeed.zero.Init(config_dict_or_path=config):
-    base = tiny_llama()
-model = get_peft_model(base, lora_config("llama"))
-params = list(model.parameters())
+
+
+def partitioned(family):
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        base = MODELS[family][0]()
+    assert all(hasattr(p, "ds_id") for p in base.parameters())
+    return get_peft_model(base, lora_config(family))
+
+
+def whole(model):
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def unpartitioned_reference(family, weights):
+    plain = peft_model(family)  # with the very weights zero.Init gave the partitioned model
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.endswith("lm_head.weight") for k in missing)  # tied to the embedding
+    initialize_astra_weights(plain, make_batches())
+    return dict(plain.named_parameters())
+
 
 # Calibration inside the caller's own full gather: no nested GatheredParameters error, same statistics.
+model = partitioned("llama")
+params = list(model.parameters())
 with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     stats = collect_activation_stats(model, make_batches(), lora_config("llama"))
@@ -28,15 +49,20 @@ with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         initialize_astra_weights(model, stats=stats)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 assert not any(getattr(l, "astra_adapters", None) for l in lora_layers(model, "default").values())
-
 # Outside it, the same statistics initialise the partitioned model exactly as an unpartitioned one.
 initialize_astra_weights(model, stats=stats)
-plain = peft_model("llama")  # unpartitioned, with the very weights zero.Init gave the partitioned one
-plain.load_state_dict(before)
-initialize_astra_weights(plain, make_batches())
-with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-    got = dict(model.named_parameters())
-    error = max((got[n] - p).abs().max().item() for n, p in plain.named_parameters())
-assert error <= 1e-6, error
-print(f"ZeRO-3 stats route: max |Δ| vs unpartitioned = {error:.2e}")
+expected = unpartitioned_reference("llama", before)
+got = whole(model)
+errors = {"llama (stats)": max((got[n] - p).abs().max().item() for n, p in expected.items())}
+
+# Calibration and init in one call, before any engine, on every family.
+for family in ("llama", "gpt2"):  # (BERT cannot even be built under zero.Init: transformers indexes its padding row)
+    model = partitioned(family)
+    before = whole(model)
+    initialize_astra_weights(model, make_batches())
+    expected = unpartitioned_reference(family, before)
+    got = whole(model)
+    errors[family] = max((got[n] - p).abs().max().item() for n, p in expected.items())
+print("ZeRO-3 before the engine, max |Δ| vs unpartitioned:", {k: f"{v:.1e}" for k, v in errors.items()})
+assert max(errors.values()) <= 1e-6, errors
 Path(sys.argv[1], "ok").write_text("ok")
