@@ -182,7 +182,9 @@ class AstraConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for eigen_selection='random'."})
-    show_progress: bool = field(default=True, metadata={"help": "Show progress bars while calibrating and decomposing (layers done of n)."})
+    show_progress: bool = field(
+        default=True, metadata={"help": "Show progress bars while calibrating and decomposing (layers done of n)."}
+    )
 
     def __post_init__(self):
         check_choices(self)
