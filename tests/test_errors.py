@@ -132,3 +132,45 @@ def test_null_space_raise_policy_leaves_model_untouched():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AstraConfig(**kwargs)
+
+
+def test_every_choice_field_is_checked_against_its_literal():
+    """The choice lists are Literal aliases (config.py, harness/kinds.py), checked by one function,
+    config.check_choices, wherever the object comes from."""
+    from astra_peft.config import EIGEN_SELECTIONS, STATISTICS, EigenSelection, check_choices, literal_choices
+    from astra_peft.harness.kinds import TASK_KINDS
+    from astra_peft.harness.methods import BuildContext
+    from astra_peft.harness.models import ModelSpec
+    from astra_peft.harness.tasks import Task
+    from astra_peft.stats import Accumulator
+
+    assert literal_choices(EigenSelection) == EIGEN_SELECTIONS and "smallest" in EIGEN_SELECTIONS
+    assert STATISTICS == ("covariance", "second_moment", "max_normalized")
+    assert TASK_KINDS == ("classification", "generation")
+    for make, field in [
+        (lambda: Task("t", "regression", None, {}), "Task.kind"),
+        (lambda: ModelSpec("m", "d", "decoder", "pkg", [], provision=print), "ModelSpec.kind"),
+        (lambda: Accumulator("hidden", torch.zeros(2), torch.zeros(2, 2)), "Accumulator.kind"),
+        (lambda: BuildContext(model=None, task_kind="seq2seq", target_modules=[], rank=4, alpha=8),
+         "BuildContext.task_kind"),
+        (lambda: AstraConfig(stats_device="gpu"), "AstraConfig.stats_device"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{field} must be one of"):
+            make()
+    check_choices(AstraConfig(null_space_rtol=None))  # None is fine where the annotation is Optional
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("astra:statistic=max_normalized:statistic_source=input", r"in method spec '.*statistic_source=input'.*max_normalized"),
+    ("astra:null_space_rtol=2", r"in method spec 'astra:null_space_rtol=2'.*null_space_rtol"),
+    ("astra:eigen_selection=tail", r"eigen_selection: choose one of smallest, largest"),
+    ("lora:alpha=nan", r"in method spec 'lora:alpha=nan'.*alpha.*finite"),
+    ("astra:lr=inf", r"in method spec 'astra:lr=inf'.*lr.*finite"),
+])
+def test_method_spec_refused_at_parse_time_naming_it(spec, match):
+    """A spec is parsed once, into a typed MethodSpec whose method config is built there: a bad value or a bad
+    combination fails at once (before any model is loaded), naming the spec."""
+    from astra_peft.harness.specs import parse_method_spec
+
+    with pytest.raises(ValueError, match=match):
+        parse_method_spec(spec)
