@@ -186,8 +186,11 @@ def cmd_compare(args) -> int:
     cfg = _config(args, model=args.model, task=args.task or (tasks[0] if tasks else None), data=args.data,
                   eval_data=args.eval_data, method=specs[0], output=args.output, threads=threads)
     n_runs = len(specs) * len(seeds) * (len(tasks) if tasks else 1)
-    print(f"astra compare: {n_runs} runs ({len(specs)} methods × {len(seeds)} seeds"
-          + (f" × {len(tasks)} tasks" if tasks else "") + f") of {cfg.model} → {args.output}; "
+    def count(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    print(f"astra compare: {count(n_runs, 'run')} ({count(len(specs), 'method')} × {count(len(seeds), 'seed')}"
+          + (f" × {count(len(tasks), 'task')}" if tasks else "") + f") of {cfg.model} → {args.output}; "
           "finished runs are skipped, and an ETA follows each run.", flush=True)
     paths = run_compare(cfg, specs, seeds, tasks=tasks, output=args.output)
     print("\n" + Path(paths["summary_md"]).read_text())
