@@ -93,7 +93,7 @@ def effective_rank_stats(
     config = AstraConfig(statistic_source="output", max_tokens=max_tokens, show_progress=show_progress)
     groups = [[name] for name in modules]
     collector = _Collector(modules, _plan(modules, groups, config, "moments"), config)
-    with _calibration_mode(model, disable_adapters=False):
+    with _calibration_mode(model, disable_adapters=False), gather_during_forward(model):
         collector.run(model, dataloader, forward_fn or default_forward)
     records = {}
     for name, module in modules.items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import MODELS, lora_config, make_batches, peft_model
 
-from astra_peft import collect_activation_stats, initialize_astra_weights
+from astra_peft import collect_activation_stats, effective_ranks, initialize_astra_weights
 from astra_peft.layers import lora_layers
 from peft import get_peft_model
 
@@ -63,6 +63,12 @@ for family in ("llama", "gpt2"):  # (BERT cannot even be built under zero.Init: 
     expected = unpartitioned_reference(family, before)
     got = whole(model)
     errors[family] = max((got[n] - p).abs().max().item() for n, p in expected.items())
+# Effective ranks (a forward with adapters on) run on the partitioned model too, as on the unpartitioned one.
+model = partitioned("llama")
+plain = peft_model("llama")
+plain.load_state_dict(whole(model))
+ranks, plain_ranks = effective_ranks(model, make_batches()), effective_ranks(plain, make_batches())
+errors["effective ranks"] = max(abs(ranks[n] - plain_ranks[n]) for n in plain_ranks)
 print("ZeRO-3 before the engine, max |Δ| vs unpartitioned:", {k: f"{v:.1e}" for k, v in errors.items()})
 assert max(errors.values()) <= 1e-6, errors
 Path(sys.argv[1], "ok").write_text("ok")
