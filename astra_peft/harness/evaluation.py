@@ -6,11 +6,14 @@ exactly the sequence it was trained on.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .validation import UserError
 
 from .encoding import IGNORE_INDEX, Collator, encode_classification, encode_prompt_completion, encode_row, pad_id  # noqa: E402
 
@@ -67,7 +70,7 @@ def evaluate_classification(model, tokenizer, rows, *, batch_size, max_length, d
         logits = model(**batch).logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=-1) == labels).sum().item()
-    return {"loss": loss_sum / len(rows), "accuracy": correct / len(rows), "n": len(rows)}
+    return _finite({"loss": loss_sum / len(rows), "accuracy": correct / len(rows), "n": len(rows)}, desc)
 
 
 @torch.no_grad()
@@ -82,7 +85,7 @@ def evaluate_generation(model, tokenizer, rows, *, batch_size, max_length, desc,
             sequences.append(encode_prompt_completion(tokenizer, row["prompt"], text, max_length))
             owners.append((i, text))
     collate = Collator(pad_id(tokenizer))
-    total, count, choice = {}, {}, {}
+    total, count, choice, own = {}, {}, {}, {}
     # Similar lengths together: less padding; the order is fixed, so results are reproducible.
     order = sorted(range(len(sequences)), key=lambda j: len(sequences[j]["input_ids"]))
     for chunk in _batches(order, batch_size, desc, progress):
@@ -90,6 +93,7 @@ def evaluate_generation(model, tokenizer, rows, *, batch_size, max_length, desc,
         for j, s, c, last in zip(chunk, sums, counts, lasts):
             total[owners[j]], count[owners[j]] = s, c
             choice[owners[j]] = s - last if sequences[j]["eos"] else s
+            own[owners[j]] = c - 1 if sequences[j]["eos"] else c  # the text's own scored tokens, EOS left out
 
     loss_sum, token_sum, correct, scored = 0.0, 0, 0, 0
     for i, row in enumerate(rows):
@@ -97,12 +101,28 @@ def evaluate_generation(model, tokenizer, rows, *, batch_size, max_length, desc,
         token_sum += count[(i, row["completion"])]
         choices, answer = row.get("choices"), row.get("answer")
         if choices and answer is not None:
+            # A choice cut away entirely would score 0, the best possible: a win by truncation, not by the model.
+            if empty := [c for c in choices if own[(i, c)] < 1]:
+                raise UserError(f"{desc}: row {i + 1}: choice {empty[0]!r} has no token left to score at "
+                                f"--max-length {max_length}; raise --max-length")
             best = min(range(len(choices)), key=lambda k: choice[(i, choices[k])])
             correct += int(best == int(answer))
             scored += 1
-    metrics = {"loss": loss_sum / max(token_sum, 1), "n": len(rows)}
+    if token_sum == 0:
+        raise UserError(f"{desc}: no completion token is left to score at --max-length {max_length}; "
+                        f"raise --max-length")
+    metrics = {"loss": loss_sum / token_sum, "n": len(rows)}
     if scored:
         metrics["accuracy"] = correct / scored
+    return _finite(metrics, desc)
+
+
+def _finite(metrics: dict, desc: str) -> dict:
+    """Metrics are numbers a user will trust: NaN or infinity (a model whose outputs overflowed) is an error."""
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{desc}: the {key} is {value}: the model's outputs are not finite (a diverged run or "
+                            f"damaged weights)")
     return metrics
 
 
@@ -118,7 +138,10 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Metrics of `model` on `task.splits[split]` (first `max_samples` rows): loss and, where defined, accuracy."""
-    rows = list(task.splits[split])[: max_samples or None]
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise UserError(f"--eval-samples must be an integer ≥ 1 (or left unset for all rows), got {max_samples!r}")
+    rows = list(task.splits[split])[:max_samples]
     if not rows:
         raise ValueError(f"task {task.name!r} has no rows in split {split!r}")
     was_training = model.training
@@ -146,6 +169,8 @@ def analyze_run(run_dir, *, split: str = "dev", samples: int = 64, batch_size: i
     from .rundir import RunDir
     from .tasks import load_jsonl_task, load_task
 
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserError(f"--samples must be an integer ≥ 1, got {samples!r}")
     rundir = RunDir(run_dir)
     run = rundir.path
     if not rundir.file(RunDir.SUMMARY).is_file():
@@ -157,6 +182,8 @@ def analyze_run(run_dir, *, split: str = "dev", samples: int = 64, batch_size: i
     if isinstance(targets, str):
         targets = None
 
+    if split not in task.splits:
+        raise UserError(f"--split {split!r}: the task has splits {', '.join(task.splits)}")
     rows = list(task.splits[split])[:samples]
     if not rows:
         raise ValueError(f"task {task.name!r} has no {split!r} rows to analyse")

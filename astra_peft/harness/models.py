@@ -33,7 +33,12 @@ CACHE_ENV = "ASTRA_PEFT_CACHE"
 def cache_dir() -> Path:
     """Where fetched models and data live: `$ASTRA_PEFT_CACHE`, else `~/.cache/astra-peft`."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "astra-peft"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "astra-peft"
+    if path.exists() and not path.is_dir():
+        from .validation import UserError
+
+        raise UserError(f"{CACHE_ENV + '=' if env else 'the cache folder '}{path} is a file; it must be a folder")
+    return path
 
 
 def downloads_dir() -> Path:
@@ -291,8 +296,11 @@ def resolve_model(name_or_path: str) -> str:
     returned as a local path if it exists, or unchanged as a hub id for transformers."""
     spec = BUILTIN_MODELS.get(name_or_path)
     if spec is None:
-        local = Path(name_or_path).expanduser()
-        return str(local) if local.exists() else name_or_path
+        # No model hub: a name that is neither built in nor a model directory is refused at once (a typo must not
+        # wait through ~40 s of hub retries).
+        from .validation import check_model_directory
+
+        return str(check_model_directory(name_or_path, BUILTIN_MODELS))
     dest = cache_dir() / "models" / spec.name
     if not _is_complete(dest):
         if dest.exists():
@@ -341,20 +349,23 @@ def load_model(name_or_path: str, *, task_kind: str, num_labels: int | None = No
     if task_kind == "classification" and not num_labels:
         raise ValueError("classification needs num_labels")
     path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     if task_kind == "generation":
-        model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype))
     else:
         with _quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, **_dtype_kwargs(dtype))
+                path, num_labels=num_labels, local_files_only=True, **_dtype_kwargs(dtype))
     if model.config.pad_token_id is None:  # decoder classifiers find the last real token through it
         model.config.pad_token_id = tokenizer.pad_token_id
+    from .validation import check_model
+
+    check_model(model, name_or_path, task_kind)  # NaN weights; an encoder given generation data (issue 16)
     return model, tokenizer
 
 

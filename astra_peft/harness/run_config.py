@@ -77,3 +77,6 @@ class FinetuneConfig:
         # tables. A MethodSpec passed as `method` (the CLI and compare have parsed it already) is taken as is.
         spec = self.method if isinstance(self.method, MethodSpec) else parse_method_spec(self.method)
         self.method, self.spec = spec.name, spec
+        from .validation import validate_config
+
+        validate_config(self)  # non-finite or nonsensical settings, named by their flag (issue 16)

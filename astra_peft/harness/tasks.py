@@ -22,6 +22,7 @@ from pathlib import Path
 from ..config import check_choices
 from .kinds import TaskKind
 from .sources import BIGBENCH, PANG_LEE_CSV, PATTERN_DEB, bigbench_file, pang_lee_file
+from .validation import MAX_LABELS, UserError, check_regular_file, read_lines
 
 # Splits never depend on a run's seed: every run and every method sees the same rows.
 SPLIT_SEED = 1234
@@ -82,7 +83,7 @@ def fixed_split(rows: list[dict], n_test: int, n_dev: int, groups: list[str] | N
         name = "test" if len(splits["test"]) < n_test else "dev" if len(splits["dev"]) < n_dev else "train"
         splits[name].extend(members[key])
     if not splits["train"]:
-        raise ValueError(f"{len(rows)} rows are too few for {n_test} test and {n_dev} dev rows")
+        raise UserError(f"{len(rows)} rows are too few for {n_test} test and {n_dev} dev rows")
     return splits
 
 
@@ -193,9 +194,9 @@ BUILTIN_CORPORA = {"xsum": "GEM XSum news articles (BIG-bench gem/xsum, 1,001 ar
 def load_task(name: str) -> Task:
     """A built-in task (fetched on first use) or, for a path ending in .jsonl, load_jsonl_task(path)."""
     if name in BUILTIN_CORPORA:
-        raise ValueError(f"{name!r} is a calibration corpus, not a task: use load_text_corpus({name!r})")
+        raise UserError(f"{name!r} is a calibration corpus, not a task: use load_text_corpus({name!r})")
     if name not in BUILTIN_TASKS:
-        if name.endswith(".jsonl") and Path(name).is_file():
+        if name.endswith(".jsonl") and Path(name).exists():
             return load_jsonl_task(name)
         raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)} (or a .jsonl path)")
     spec = BUILTIN_TASKS[name]
@@ -218,80 +219,98 @@ def load_text_corpus(name: str) -> list[str]:
         task = load_task(name)
         return [r["text"] if task.kind == "classification" else r["prompt"] + r["completion"]
                 for r in task.splits["train"]]
-    if name.endswith(".txt") and Path(name).is_file():
-        return [line.strip() for line in Path(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if name.endswith(".txt") and Path(name).exists():
+        path = check_regular_file(name, "--calibration-data")
+        return [line.strip() for _, line in read_lines(path, "--calibration-data") if line.strip()]
     raise KeyError(f"unknown corpus {name!r}; use xsum, a built-in task ({', '.join(BUILTIN_TASKS)}), "
                    f"or a .jsonl/.txt path")
 
 
 # ------------------------------------------------------------------------------------------------ user data
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def _read_jsonl(path: Path, what: str = "--data") -> list[tuple[int, dict]]:
+    """Rows of a JSONL file, refused before any allocation if it is not a bounded regular file (a directory, a
+    FIFO, /dev/zero), and line by line with a size limit, naming the line of any fault."""
+    path = check_regular_file(path, what)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: bad JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    for lineno, line in read_lines(path, what):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: bad JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit integer; nesting deeper than Python's stack
+            raise UserError(f"{path}:{lineno}: bad JSON ({str(exc).splitlines()[0][:80] or type(exc).__name__})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise UserError(f"{path}: no rows")
     return rows
 
 
 def _row_kind(path: Path, lineno: int, row: dict) -> str:
     gen, cls = {"prompt", "completion"} & row.keys(), {"text", "label"} & row.keys()
     if gen and cls:
-        raise ValueError(f"{path}:{lineno}: mixes generation keys {sorted(gen)} with classification keys {sorted(cls)}")
+        raise UserError(f"{path}:{lineno}: mixes generation keys {sorted(gen)} with classification keys {sorted(cls)}")
     if not gen and not cls:
-        raise ValueError(f"{path}:{lineno}: needs keys prompt+completion (generation) or text+label (classification)")
+        raise UserError(f"{path}:{lineno}: needs keys prompt+completion (generation) or text+label (classification)")
     needed = ("prompt", "completion") if gen else ("text", "label")
     for key in needed:
         if key not in row:
-            raise ValueError(f"{path}:{lineno}: missing key {key!r}")
+            raise UserError(f"{path}:{lineno}: missing key {key!r}")
     return "generation" if gen else "classification"
 
 
 def _generation_row(path: Path, lineno: int, row: dict) -> dict:
     prompt, completion = row["prompt"], row["completion"]
     if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise ValueError(f"{path}:{lineno}: prompt and completion must be strings")
+        raise UserError(f"{path}:{lineno}: prompt and completion must be strings")
     if not completion.strip():
-        raise ValueError(f"{path}:{lineno}: empty completion")
+        raise UserError(f"{path}:{lineno}: empty completion")
     choices, answer = row.get("choices"), row.get("answer")
     if (choices is None) != (answer is None):
-        raise ValueError(f"{path}:{lineno}: give both choices and answer, or neither")
+        raise UserError(f"{path}:{lineno}: give both choices and answer, or neither")
     if choices is not None and not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)
-                                    and isinstance(answer, int) and 0 <= answer < len(choices)):
-        raise ValueError(f"{path}:{lineno}: choices must be a non-empty list of strings and answer an index into it")
+                                    and isinstance(answer, int) and not isinstance(answer, bool)
+                                    and 0 <= answer < len(choices)):
+        raise UserError(f"{path}:{lineno}: choices must be a non-empty list of strings and answer an index into it")
+    if choices is not None:
+        # An empty choice scores 0 (the best) and two equal ones share a score: either decides accuracy by itself.
+        if any(not c.strip() for c in choices):
+            raise UserError(f"{path}:{lineno}: a choice is empty")
+        if len(set(choices)) != len(choices):
+            raise UserError(f"{path}:{lineno}: choices repeat ({choices!r}); each must be different")
+        if len(choices) > MAX_LABELS:
+            raise UserError(f"{path}:{lineno}: {len(choices)} choices, above the limit of {MAX_LABELS}")
     return {"prompt": prompt, "completion": completion, "choices": choices, "answer": answer}
 
 
 def _check_label(path: Path, lineno: int, row: dict) -> None:
     text, label = row["text"], row["label"]
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{path}:{lineno}: empty text" if isinstance(text, str) else f"{path}:{lineno}: text must be a string")
+        raise UserError(f"{path}:{lineno}: empty text" if isinstance(text, str) else f"{path}:{lineno}: text must be a string")
     if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "" or (isinstance(label, int) and label < 0):
-        raise ValueError(f"{path}:{lineno}: label must be a non-empty string or a non-negative integer, got {label!r}")
+        raise UserError(f"{path}:{lineno}: label must be a non-empty string or a non-negative integer, got {label!r}")
+    # An integer label k makes a head of k + 1 classes: 10**7 would allocate gigabytes before the first step.
+    if isinstance(label, int) and label >= MAX_LABELS:
+        raise UserError(f"{path}:{lineno}: label {label} is above the limit of {MAX_LABELS} classes "
+                        f"(integer labels are class ids 0..{MAX_LABELS - 1})")
 
 
 def load_jsonl_task(train_path, eval_path=None, *, name: str | None = None) -> Task:
     """A task from JSON-lines files of {"prompt","completion"} or {"text","label"} rows (label: a string or an
     int; string labels get ids in sorted order). Without eval_path, test and dev (10% each, at most 200 rows) are
     carved from train with SPLIT_SEED; with it, eval_path is the test split and dev is carved from train."""
-    files = [(Path(train_path), _read_jsonl(Path(train_path)))]
+    files = [(Path(train_path), _read_jsonl(Path(train_path), "--data"))]
     if eval_path is not None:
-        files.append((Path(eval_path), _read_jsonl(Path(eval_path))))
+        files.append((Path(eval_path), _read_jsonl(Path(eval_path), "--eval-data")))
     first_path, (first_line, first_row) = files[0][0], files[0][1][0]
     kind = _row_kind(first_path, first_line, first_row)
     for path, rows in files:
         for lineno, row in rows:
             if (k := _row_kind(path, lineno, row)) != kind:
-                raise ValueError(f"{path}:{lineno}: mixed kinds: this row is {k} but {first_path}:{first_line} is {kind}")
+                raise UserError(f"{path}:{lineno}: mixed kinds: this row is {k} but {first_path}:{first_line} is {kind}")
     labels = None
     if kind == "generation":
         parsed = [[_generation_row(path, n, r) for n, r in rows] for path, rows in files]
@@ -302,9 +321,20 @@ def load_jsonl_task(train_path, eval_path=None, *, name: str | None = None) -> T
                 _check_label(path, lineno, row)
                 seen_type = seen_type or type(row["label"])
                 if type(row["label"]) is not seen_type:
-                    raise ValueError(f"{path}:{lineno}: label {row['label']!r} mixes string and integer labels")
-        values = [r["label"] for _, rows in files for _, r in rows]
-        labels = sorted(set(values)) if seen_type is str else [str(i) for i in range(max(values) + 1)]
+                    raise UserError(f"{path}:{lineno}: label {row['label']!r} mixes string and integer labels")
+        distinct: dict = {}
+        for path, rows in files:
+            for lineno, row in rows:
+                distinct.setdefault(row["label"], f"{path}:{lineno}")
+                if len(distinct) > MAX_LABELS:
+                    raise UserError(f"{path}:{lineno}: more than {MAX_LABELS} distinct labels; a head of that many "
+                                    f"classes is refused")
+        values = list(distinct)
+        labels = sorted(values) if seen_type is str else [str(i) for i in range(max(values) + 1)]
+        if len(labels) < 2:
+            # One class makes transformers build a regression head (MSE on one logit): accuracy would be 1.00.
+            raise UserError(f"{files[0][0]}: every row has label {values[0]!r}; classification needs at least two "
+                            f"classes")
         ids = {label: i for i, label in enumerate(labels)} if seen_type is str else None
         parsed = [[{"text": r["text"], "label": ids[r["label"]] if ids else r["label"]} for _, r in rows]
                   for _, rows in files]

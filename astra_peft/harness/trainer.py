@@ -95,6 +95,7 @@ def make_trainer(*, model, cfg, run, lr: float, train_features, collate, evaluat
         optim=cfg.optim,
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run), never averaged away
         eval_strategy="steps" if cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
@@ -117,7 +118,8 @@ def make_trainer(*, model, cfg, run, lr: float, train_features, collate, evaluat
         train_dataset=train_features,
         eval_dataset=train_features[:1] if cfg.eval_steps > 0 else None,  # unused: our evaluate() has its data
         data_collator=collate,
-        callbacks=[MetricsWriter(), Clock(), StopIfDone(), *callbacks],
+        # FiniteGuard first: a NaN loss or weight stops the run (naming the step) before it is logged or saved.
+        callbacks=[_finite_guard(), MetricsWriter(), Clock(), StopIfDone(), *callbacks],
     )
     # The stock callbacks print every step's log dict under the bar (or to stdout without one); those
     # numbers are in metrics.jsonl, so the bar just shows the latest loss.
@@ -126,6 +128,12 @@ def make_trainer(*, model, cfg, run, lr: float, train_features, collate, evaluat
     if cfg.progress:
         trainer.add_callback(_quiet_progress_cls()())
     return trainer
+
+
+def _finite_guard():
+    from .guards import FiniteGuard
+
+    return FiniteGuard()
 
 
 def _quiet_progress_cls():
