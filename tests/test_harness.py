@@ -230,7 +230,7 @@ def test_finetune_classification(tiny, tmp_path, method):
                 assert any("classifier" in k for k in fh.keys())
     # the fine-tuned model is rebuilt from what was saved, for every kind of run (a LoRA run keeps adapter_init
     # for restarts, yet its adapter needs no residual base)
-    from astra_peft.harness.evaluation import analyze_run
+    from astra_peft.harness.run_analysis import analyze_run
 
     before, after = analyze_run(tmp_path / method, samples=8, progress=False)
     assert before and before.keys() == after.keys()

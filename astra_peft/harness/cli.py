@@ -202,7 +202,7 @@ def cmd_compare(args) -> int:
 def cmd_analyze(args) -> int:
     import json
 
-    from .evaluation import analyze_run
+    from .run_analysis import analyze_run
     from .report import effective_rank_table, write_effective_rank
     from .rundir import RunDir
 
