@@ -52,7 +52,12 @@ def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
 
 
 def check_not_fsdp1(model: nn.Module) -> None:
-    """Raise for a model under FSDP1, whose layers' weights are views into flat parameters Astra cannot rewrite."""
+    """Refuse a model under FSDP1, whose layers' weights are views into flat parameters Astra cannot rewrite.
+
+    Raises:
+        TypeError: `model` is, or contains, a `FullyShardedDataParallel` module or a flat parameter; the
+            message names the module and says to initialise before wrapping, or to use FSDP2.
+    """
     for name, module in model.named_modules():
         if type(module).__name__ == "FullyShardedDataParallel" or any(
             is_flat(p) for p in module.parameters(recurse=False)
@@ -88,6 +93,12 @@ def full_tensors(params: Iterable[Optional[torch.Tensor]]):
 
     ZeRO-3 parameters not already gathered are gathered for the duration (one context, never nested in one of
     ours); DTensors are all-gathered into a plain tensor; plain tensors are yielded as they are (detached).
+
+    Args:
+        params: Parameters (or None, e.g. a missing bias); on a sharded model every rank passes the same ones.
+
+    Yields:
+        A list of full tensors, in the order of `params`; valid only inside the context.
     """
     params = list(params)
     partitioned = [p for p in params if p is not None and is_zero3(p) and not _gathered_elsewhere(p)]
@@ -101,10 +112,18 @@ def assign(layer_name: str, values: list[tuple[torch.Tensor, torch.Tensor]]) -> 
     Every rank computes the same values from the same all-reduced statistics; rank 0's are the ones that
     ZeRO-3 keeps (`modifier_rank=0` broadcasts them on release).
 
+    Args:
+        layer_name: The layer the parameters belong to, for error messages.
+        values: (parameter, its new full value) pairs; the value's shape is the parameter's unsharded shape.
+
     Raises:
-        RuntimeError: a ZeRO-3 parameter is already gathered by the caller's own `GatheredParameters`, whose
-            exit would discard (modifier_rank=None) or overwrite the new values.
+        RuntimeError: a value's shape is not its parameter's (nothing is written); a ZeRO-3 parameter is already
+            gathered by the caller's own `GatheredParameters`, whose exit would discard or overwrite the new
+            values (nothing is written); or a DeepSpeed optimizer's fp32 master did not take the new value.
     """
+    for p, v in values:
+        if tuple(v.shape) != logical_shape(p):
+            raise RuntimeError(f"Layer '{layer_name}': a {tuple(v.shape)} value for a {logical_shape(p)} weight.")
     zero3 = [p for p, _ in values if is_zero3(p)]
     if any(_in_user_context(p) for p in zero3):
         raise RuntimeError(
@@ -114,8 +133,6 @@ def assign(layer_name: str, values: list[tuple[torch.Tensor, torch.Tensor]]) -> 
         )
     with torch.no_grad(), _gather(zero3, 0) if zero3 else contextlib.nullcontext():
         for p, v in values:
-            if tuple(v.shape) != logical_shape(p):
-                raise RuntimeError(f"Layer '{layer_name}': a {tuple(v.shape)} value for a {logical_shape(p)} weight.")
             if is_dtensor(p):
                 from torch.distributed.tensor import distribute_tensor
 
@@ -150,7 +167,9 @@ def _write_master(layer_name: str, p: torch.Tensor, value: torch.Tensor) -> None
     if stored is None or not torch.equal(stored.detach().cpu().reshape(value.shape), value.cpu()):
         raise RuntimeError(
             f"Layer '{layer_name}': could not write Astra's values into the DeepSpeed optimizer's fp32 master "
-            "copy. Initialise Astra before `deepspeed.initialize` / `trainer.train()`."
+            "copy (an optimizer or offload this code does not know), so training would start from PEFT's default "
+            "A/B over a residual base. The layers before it are already rewritten: rebuild the model, and "
+            "initialise Astra before `deepspeed.initialize` / `trainer.train()`."
         )
 
 

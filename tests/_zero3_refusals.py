@@ -69,6 +69,15 @@ plain = peft_model("llama")
 plain.load_state_dict(whole(model))
 ranks, plain_ranks = effective_ranks(model, make_batches()), effective_ranks(plain, make_batches())
 errors["effective ranks"] = max(abs(ranks[n] - plain_ranks[n]) for n in plain_ranks)
+# After deepspeed.initialize, a master copy that does not take the values is refused, not trained from.
+model = peft_model("llama")
+trainable = [p for p in model.parameters() if p.requires_grad]
+engine_config = {**config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+engine, optimizer, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=engine_config)
+optimizer.set_full_hp_param = lambda value, param, optim_state_key=None: None  # a master Astra cannot reach
+with pytest.raises(RuntimeError, match="fp32 master copy.*before `deepspeed.initialize`"):
+    initialize_astra_weights(engine, make_batches())
+
 print("ZeRO-3 before the engine, max |Δ| vs unpartitioned:", {k: f"{v:.1e}" for k, v in errors.items()})
 assert max(errors.values()) <= 1e-6, errors
 Path(sys.argv[1], "ok").write_text("ok")
