@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .models import FetchError, atomic_path, cache_dir, downloads_dir, fetch_failure, fetch_pip_file, run_streaming
+from .fetch import FetchError, atomic_path, cache_dir, downloads_dir, fetch_failure, fetch_pip_file, run_streaming
 
 BIGBENCH = "bigbench==1.0.0"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
