@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_tar
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .sharding import full_tensors, is_flat, logical_shape
+from .sharding import full_tensors, is_dtensor, is_flat, is_zero3, logical_shape
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 _PEFT_PREFIX = "base_model.model."
@@ -93,13 +93,28 @@ def out_in_dims(layer: nn.Module) -> tuple[int, int]:
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """W as (d_out, d_in), whatever the layer stores: Conv1D (GPT-2) keeps Wᵀ."""
+    """W as (d_out, d_in), whatever the layer stores: Conv1D (GPT-2) keeps Wᵀ. Unsharded weights only: see
+    `full_weight` for ZeRO-3 partitions and FSDP2 DTensors."""
+    _refuse_sharded(layer)
     return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
 
 
 def set_weight_matrix(layer: nn.Module, w: torch.Tensor) -> None:
+    _refuse_sharded(layer)
     w = w.T if isinstance(layer, Conv1D) else w
     layer.weight.data.copy_(w.to(layer.weight.dtype))
+
+
+def _refuse_sharded(layer: nn.Module) -> None:
+    # A ZeRO-3 placeholder reads as an empty tensor and a DTensor as one rank's shard: either would fail later
+    # with an unrelated-looking error, or compute from the wrong numbers.
+    w = layer.weight
+    if is_dtensor(w) or (is_zero3(w) and w.ds_status.name == "NOT_AVAILABLE"):
+        kind = "an FSDP2 DTensor" if is_dtensor(w) else "a ZeRO-3 partition"
+        raise TypeError(
+            f"This {type(layer).__name__}'s weight (shape {logical_shape(w)}) is {kind}: read it whole with "
+            "astra_peft.layers.full_weight(layer) and write it with astra_peft.sharding.assign."
+        )
 
 
 @contextlib.contextmanager

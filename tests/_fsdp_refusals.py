@@ -11,6 +11,7 @@ from conftest import make_batches, peft_model
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
 from astra_peft import AstraConfig, initialize_astra_weights
+from astra_peft.layers import weight_matrix
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -27,6 +28,8 @@ sharded = peft_model("llama")
 for layer in sharded.base_model.model.model.layers:
     fully_shard(layer)
 fully_shard(sharded)
+with pytest.raises(TypeError, match="FSDP2 DTensor: read it whole with astra_peft.layers.full_weight"):
+    weight_matrix(sharded.base_model.model.model.layers[0].mlp.up_proj.base_layer)
 quiet = AstraConfig(show_progress=False)
 with pytest.raises(RuntimeError, match=r"Calibration batch 2: 1 rank\(s\) have it and 1 do not") as uneven:
     initialize_astra_weights(sharded, make_batches(n_batches=4)[: 3 - rank], quiet)  # rank 0: 3 batches, rank 1: 2

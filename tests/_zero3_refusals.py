@@ -10,7 +10,7 @@ import torch
 from conftest import MODELS, lora_config, make_batches, peft_model
 
 from astra_peft import collect_activation_stats, effective_ranks, initialize_astra_weights
-from astra_peft.layers import lora_layers
+from astra_peft.layers import lora_layers, weight_matrix
 from peft import get_peft_model
 
 deepspeed.init_distributed("gloo")
@@ -69,6 +69,10 @@ plain = peft_model("llama")
 plain.load_state_dict(whole(model))
 ranks, plain_ranks = effective_ranks(model, make_batches()), effective_ranks(plain, make_batches())
 errors["effective ranks"] = max(abs(ranks[n] - plain_ranks[n]) for n in plain_ranks)
+# Code that reads a weight without gathering it gets a clear error, not an empty tensor.
+with pytest.raises(TypeError, match="ZeRO-3 partition: read it whole with astra_peft.layers.full_weight"):
+    weight_matrix(partitioned("llama").base_model.model.model.layers[0].mlp.up_proj.base_layer)
+
 # After deepspeed.initialize, a master copy that does not take the values is refused, not trained from.
 model = peft_model("llama")
 trainable = [p for p in model.parameters() if p.requires_grad]
