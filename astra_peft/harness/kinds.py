@@ -20,3 +20,9 @@ DataNeed = Literal["activations", "gradients"]
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
 MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
 DATA_NEEDS: tuple[str, ...] = typing.get_args(DataNeed)
+
+# The dtype a run loads its model in, and the split it evaluates during training.
+ModelDtype = Literal["float32", "bfloat16"]
+EvalSplit = Literal["dev", "test"]
+MODEL_DTYPES: tuple[str, ...] = typing.get_args(ModelDtype)
+EVAL_SPLITS: tuple[str, ...] = typing.get_args(EvalSplit)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .kinds import MODEL_DTYPES, EvalSplit, ModelDtype
+
 
 @dataclass
 class FinetuneConfig:
@@ -41,9 +43,9 @@ class FinetuneConfig:
     scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type."})
     optim: str = field(default="adamw_torch", metadata={"help": "transformers optimizer name."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: none)."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
+    dtype: ModelDtype = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
     train_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many training rows."})
-    eval_split: str = field(default="dev", metadata={"help": "Split evaluated during training: dev or test."})
+    eval_split: EvalSplit = field(default="dev", metadata={"help": "Split evaluated during training: dev or test."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
     eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on at most N rows per split."})
     eval_batch_size: int = field(default=16, metadata={"help": "Sequences per evaluation batch."})
@@ -64,8 +66,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one of --task or --data")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype must be {' or '.join(MODEL_DTYPES)}, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         # Imported here, not at the top: the method registry imports torch, and this module must stay light

@@ -14,6 +14,8 @@ import stat
 from pathlib import Path
 from typing import Optional
 
+from .kinds import EVAL_SPLITS
+
 # Bounds on user files, checked before anything is allocated for them.
 MAX_DATA_BYTES = 1 << 30  # one JSONL/text file
 MAX_ROW_BYTES = 4 << 20  # one line of it
@@ -90,8 +92,8 @@ def validate_config(cfg) -> None:
     _check_int("--max-length", cfg.max_length, MIN_LENGTH,
                what=f"an integer ≥ {MIN_LENGTH} (a shorter sequence has no token to score)")
     _check_int("--seed", cfg.seed, 0, SEED_MAX)
-    if cfg.eval_split not in ("dev", "test"):
-        raise UserError(f"--eval-split must be dev or test, got {cfg.eval_split!r}")
+    if cfg.eval_split not in EVAL_SPLITS:
+        raise UserError(f"--eval-split must be {' or '.join(EVAL_SPLITS)}, got {cfg.eval_split!r}")
     targets = cfg.target_modules
     if targets is not None and (isinstance(targets, str) or not targets
                                 or not all(isinstance(t, str) and t.strip() for t in targets)):
