@@ -98,9 +98,7 @@ def validate_config(cfg) -> None:
     if targets is not None and (isinstance(targets, str) or not targets
                                 or not all(isinstance(t, str) and t.strip() for t in targets)):
         raise UserError(f"--target-modules must be a non-empty list of module names, got {targets!r}")
-    from .specs import parse_method_spec
-
-    validate_spec(parse_method_spec(cfg.method), output=cfg.output)
+    validate_spec(cfg.spec, output=cfg.output)  # the spec FinetuneConfig parsed, once
     check_inputs(cfg)
     check_output_folder(cfg.output)
 
