@@ -79,8 +79,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
 def safe_name(text: str) -> str:
     """A single, harmless path component made from `text` (a task label, a method spec): separators and
     anything else unusual become '_', and it never starts with '.' (no '..', no hidden name)."""
-    name = _UNSAFE.sub("_", str(text)).strip("_") or "_"
-    return "_" + name if name.startswith(".") else name
+    return _UNSAFE.sub("_", str(text)).lstrip("._").rstrip("_") or "_"
 
 
 def inside(root, *parts: str) -> Path:
