@@ -1,4 +1,4 @@
-"""Astra on a DeepSpeed ZeRO-3 model, both ways round: before `deepspeed.initialize`, and after it.
+"""Astra on a DeepSpeed ZeRO-3 model: before `deepspeed.initialize`, with the HF Trainer, and after the engine exists.
 
 Runs offline on CPU in well under a minute (a tiny random LLaMA, two processes, gloo):
 
@@ -7,13 +7,20 @@ Runs offline on CPU in well under a minute (a tiny random LLaMA, two processes, 
 Every rank calls `initialize_astra_weights` on its own share of the calibration data; the statistics are summed
 over ranks, so every rank writes the same A, B and residual as one process with all the data would.
 
-1. Before the engine (recommended; the Trainer route): with `HfDeepSpeedConfig` alive (the Trainer makes one
-   from its ZeRO-3 config), `from_pretrained` loads the model already partitioned; Astra gathers one layer at a
-   time to calibrate and write; then `deepspeed.initialize` (or `trainer.train()`) builds the optimizer from the
-   initialised weights. A model built under `deepspeed.zero.Init` works the same way.
-2. After `deepspeed.initialize`: pass the engine (or `engine.module`). Astra also writes A and B into the
+1. Before the engine (recommended): with `HfDeepSpeedConfig` alive, `from_pretrained` loads the model already
+   partitioned; Astra gathers one layer at a time to calibrate and write; then `deepspeed.initialize` builds the
+   optimizer from the initialised weights. A model built under `deepspeed.zero.Init` works the same way.
+2. With the HF Trainer (`astra_with_trainer`): make `TrainingArguments(deepspeed=...)` first (it keeps the
+   HfDeepSpeedConfig alive), load and wrap the model, call `initialize_astra_weights`, then build the Trainer and
+   `trainer.train()`. (`astra_peft.integrations.initialize_astra_for_trainer` refuses ZeRO-3 models for now.)
+3. After `deepspeed.initialize`: pass the engine (or `engine.module`). Astra also writes A and B into the
    optimizer's fp32 master partitions (ZeRO-3, and ZeRO-1/2's); without that, the first `engine.step()` would
-   copy PEFT's default A/B back over them. Should a master not take the values, Astra raises rather than train from them.
+   copy PEFT's default A/B back over them. Should a master not take the values, Astra raises rather than
+   train from them.
+
+To save the initial adapter (for `save_as_lora` after training), gather it first:
+`model.save_pretrained(folder, state_dict=astra_peft.sharding.adapter_state_dict(model))`; PEFT's own
+`save_pretrained` writes ZeRO-3's empty placeholders after `deepspeed.initialize`, without an error.
 
 Do not wrap the call in `deepspeed.zero.GatheredParameters`: Astra gathers what it needs itself, and refuses to
 write inside an outer gather (leaving it would discard the new weights).
@@ -76,20 +83,23 @@ def calibration_batches(n_batches: int = 4, batch_size: int = 4, length: int = 2
     return batches
 
 
-def astra_before_engine(config: dict, my_batches: list[dict]):
+def load_partitioned():
+    """`from_pretrained` while a ZeRO-3 `HfDeepSpeedConfig` is alive: the model arrives partitioned over the ranks."""
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = [scratch]
         dist.broadcast_object_list(checkpoint, src=0)  # one folder, rank 0's, stands in for a hub checkpoint
         if dist.get_rank() == 0:
             tiny_llama().save_pretrained(checkpoint[0])
         dist.barrier()
-        # As the Trainer does with a ZeRO-3 config: keep this object alive, and from_pretrained loads the model
-        # already partitioned (deepspeed.zero.Init) across the ranks.
-        hf_deepspeed = HfDeepSpeedConfig(config)
         base = AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32)
         dist.barrier()  # every rank has read it before rank 0's folder goes
     assert all(hasattr(p, "ds_id") for p in base.parameters())  # loaded partitioned: ZeRO-3 parameters
-    model = get_peft_model(base, lora_config())
+    return base
+
+
+def astra_before_engine(config: dict, my_batches: list[dict]):
+    hf_deepspeed = HfDeepSpeedConfig(config)  # keep it alive until the engine exists, as the Trainer does
+    model = get_peft_model(load_partitioned(), lora_config())
     initialize_astra_weights(model, my_batches, astra_config())  # before deepspeed.initialize / trainer.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
@@ -103,6 +113,25 @@ def astra_after_engine(config: dict, my_batches: list[dict], pass_engine: bool =
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     initialize_astra_weights(engine if pass_engine else engine.module, my_batches, astra_config())
     return engine
+
+
+def astra_with_trainer(my_batches: list[dict], train_rows: list[dict], out_dir: str):
+    """The Trainer route: Astra after the model is built, before `trainer.train()` creates the engine."""
+    from transformers import Trainer, TrainingArguments
+
+    # TrainingArguments first: with a ZeRO-3 `deepspeed` config it keeps an HfDeepSpeedConfig alive, so the
+    # model loads partitioned ("auto" values are filled in from these arguments).
+    config = {**ds_config(), "train_micro_batch_size_per_gpu": "auto", "optimizer": None}
+    config = {k: v for k, v in config.items() if v is not None}  # the Trainer builds its own AdamW
+    args = TrainingArguments(output_dir=out_dir, deepspeed=config, per_device_train_batch_size=2, max_steps=1,
+                             learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", use_cpu=True,
+                             report_to=[], save_strategy="no")
+    model = get_peft_model(load_partitioned(), lora_config())
+    initialize_astra_weights(model, my_batches, astra_config())
+    at_init = snapshot(model)
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows)
+    trainer.train()
+    return at_init, snapshot(trainer.model_wrapped.module)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -153,6 +182,14 @@ def main(out_dir=None) -> dict:
         if rank == 0:
             print(f"{route}: max |B after one step - B at init| = {b_moved:.2e} (lr {LR})")
         results[route] = {"init": at_init, "step": after_step, "logits": logits}
+    rows = [{"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+            for batch in batches for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    with tempfile.TemporaryDirectory() as scratch:
+        at_init, after_step = astra_with_trainer(batches[rank::world], rows, out_dir or scratch)
+    results["trainer"] = {"init": at_init, "step": after_step}
+    b_moved = max((after_step[n] - at_init[n]).abs().max().item() for n in at_init if "lora_B" in n)
+    if rank == 0:
+        print(f"trainer: max |B after one step - B at init| = {b_moved:.2e} (lr {LR})")
     if rank == 0 and out_dir:
         torch.save(results, f"{out_dir}/zero3.pt")
     dist.barrier()

@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO-3 (and ZeRO-2) on CPU, two processes: Astra's init equals one process's, and survives the first
-optimizer step, whether it runs before `deepspeed.initialize` or after it (examples/deepspeed_zero3.py)."""
+"""DeepSpeed ZeRO-3 (also ZeRO-2 and the HF Trainer) on CPU, two processes: Astra's init equals one process's and
+survives the first optimizer step, before `deepspeed.initialize` or after it (examples/deepspeed_zero3.py)."""
 
 import importlib.util
 import os
@@ -54,14 +54,15 @@ def test_zero3_matches_single_process_and_survives_the_first_step(tmp_path, monk
 
     reference_adapter = get_peft_model_state_dict(reference)
 
-    assert set(results) == {"before_engine", "after_engine", "after_engine_persistent", "after_engine_zero2"}
+    assert set(results) == {"before_engine", "after_engine", "after_engine_persistent", "after_engine_zero2", "trainer"}
     for route, got in results.items():
         assert set(got["init"]) and set(got["init"]) <= set(expected), route
         # Astra's A, B and residual base, as one process with all four batches computes them.
         init_error = max((got["init"][n] - expected[n]).abs().max().item() for n in got["init"])
         assert init_error <= 1e-6, (route, init_error)
         # ... and the model's outputs are the original model's.
-        assert (got["logits"] - original_logits).abs().max().item() <= 1e-5, route
+        if "logits" in got:  # (the Trainer route has no forward of its own between init and train())
+            assert (got["logits"] - original_logits).abs().max().item() <= 1e-5, route
         # One AdamW step moves each trainable entry by at most ~lr; the frozen residual does not move. Had the
         # optimizer's fp32 masters kept PEFT's default A/B, B would be back at 0 — far from Astra's B.
         for name, value in got["step"].items():
@@ -69,9 +70,10 @@ def test_zero3_matches_single_process_and_survives_the_first_step(tmp_path, monk
             bound = 0.0 if "base_layer" in name else 1.5 * ex.LR
             assert moved <= bound, (route, name, moved)
         # The initial adapter saved from the sharded model holds the reference's tensors, whole.
-        saved = load_file(tmp_path / f"{route}_initial_adapter" / "adapter_model.safetensors")
-        assert saved.keys() == reference_adapter.keys(), route
-        assert max((saved[k] - reference_adapter[k]).abs().max().item() for k in saved) <= 1e-6, route
+        if route != "trainer":
+            saved = load_file(tmp_path / f"{route}_initial_adapter" / "adapter_model.safetensors")
+            assert saved.keys() == reference_adapter.keys(), route
+            assert max((saved[k] - reference_adapter[k]).abs().max().item() for k in saved) <= 1e-6, route
         astra_b = max(v.abs().max().item() for n, v in got["init"].items() if "lora_B" in n)
         assert astra_b > 1000 * ex.LR, route  # the check above can tell Astra's B from PEFT's zeros
 
