@@ -244,7 +244,8 @@ def test_every_other_method_trains(tiny, tmp_path, method):
     every method here promises unchanged outputs at init (B₀ = 0, or W ← W − s·B₀A₀)."""
     from safetensors.torch import load_file
 
-    from astra_peft.harness.methods import METHODS, restore_initial_adapter
+    from astra_peft.harness.methods import METHODS
+    from astra_peft.harness.restore import restore_initial_adapter
     from astra_peft.harness.models import load_model
 
     summary = finetune(tiny, tmp_path / "run", method=method, max_steps=2, save_steps=0)

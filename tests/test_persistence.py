@@ -116,7 +116,8 @@ def test_every_method_rebuilds_its_base_bit_for_bit(method, tmp_path):
     bit; and the model starts where the base model was (every method here promises unchanged outputs at init).
     A method registered with the wrong `base=` fails here: KEEP for a method that rewrites W misses B₀A₀ in
     the base, and the wrong float32 order rounds some entries differently."""
-    from astra_peft.harness.methods import METHODS, build_method, restore_initial_adapter
+    from astra_peft.harness.methods import METHODS, build_method
+    from astra_peft.harness.restore import restore_initial_adapter
     from astra_peft.harness.specs import parse_method_spec
 
     factory = MODELS["llama"][0]

@@ -21,7 +21,8 @@ import torch
 
 from .encoding import Collator, encode_row, pad_id
 from .evaluation import evaluate
-from .methods import METHODS, BuildContext, BuiltModel, build_method, restore_initial_adapter
+from .methods import METHODS, BuildContext, BuiltModel, build_method
+from .restore import restore_initial_adapter
 from .rundir import RunDir, check_output
 from .trainer import cpu_only  # noqa: F401  (re-exported: it used to live here)
 from .threads import load_average
