@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_config, make_batches, peft_model, tiny_llama
+from conftest import lora_config, peft_model, tiny_llama
 from torch import nn
 
 from astra_peft import collect_activation_stats, initialize_astra_weights
