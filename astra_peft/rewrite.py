@@ -1,20 +1,21 @@
 """The one place the frozen base weight is rewritten: W ← W − s·B·A.
 
 Astra (and PiSSA, OLoRA, CorDA, LoRA-GA, MiLoRA) start the adapter at a non-zero B·A and take it out of the
-frozen weight, so that the adapted model's outputs do not move at initialisation. Writing that residual
-is done here and nowhere else, in one layout convention (W as (d_out, d_in), `layers.weight_matrix`), so
-that a method that forms it and a harness that rebuilds it from a saved adapter (resuming a run) round it
-the same way and agree bit for bit.
+frozen weight, so that the adapted model's outputs do not move at initialisation. The residual is formed
+here and nowhere else (`residual_weight`: `initialize_astra_weights`, MiLoRA and the harness's resume all call
+it), in one layout convention (W as (d_out, d_in); Conv1D stores Wᵀ), so that a method that forms it and a
+harness that rebuilds it from a saved adapter (resuming a run) round it the same way and agree bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import ResidualOrder
-from .layers import lora_layers, set_weight_matrix, weight_matrix
+from .layers import lora_layers
+from .sharding import assign, full_tensors
 
 
 def residual_weight(
@@ -49,31 +50,30 @@ def residual_weight(
 
 
 @torch.no_grad()
-def subtract_adapter(layer, adapter_name: str = "default", order: ResidualOrder = "product", *,
-                     gather: bool = True) -> None:
+def subtract_adapter(layer, adapter_name: str = "default", order: ResidualOrder = "product", *, name: str = "") -> None:
     """W ← W − s·B·A on one LoRA layer's frozen base, from the adapter's current A and B.
 
-    The residual is formed in float32 and cast once to the base weight's dtype, so base + s·B·A gives back
-    W as closely as that dtype allows.
+    The residual is formed in float32 and cast once to the base weight's dtype, so base + s·B·A gives back W as
+    closely as that dtype allows. W, A and B are read whole and the result written through
+    `sharding.assign`, as `initialize_astra_weights` writes its own, so ZeRO-3 partitions and FSDP2 shards
+    hold the result too.
 
     Args:
         layer: A PEFT `LoraLayer` whose base is an `nn.Linear` or a transformers `Conv1D`.
         adapter_name: Which adapter's A and B to take out of the base.
         order: See `residual_weight`.
-        gather: Gather ZeRO-3-partitioned weights around the write. Pass False when the caller already holds
-            them gathered (nesting DeepSpeed's gathering would re-partition them under the caller).
+        name: The layer's name, for error messages.
 
     Raises:
         KeyError: The layer has no adapter `adapter_name`.
+        RuntimeError: From `sharding.assign`: the weight cannot be written where training reads it.
     """
     base = layer.get_base_layer()
     lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    scaling = layer.scaling[adapter_name]
-    if not gather:
-        set_weight_matrix(base, residual_weight(weight_matrix(base).detach(), lora_a, lora_b, scaling, order))
-        return
-    with gather_params_ctx([base.weight, lora_a, lora_b], modifier_rank=0):
-        set_weight_matrix(base, residual_weight(weight_matrix(base).detach(), lora_a, lora_b, scaling, order))
+    conv1d = isinstance(base, Conv1D)  # stores Wᵀ
+    with full_tensors([base.weight, lora_a, lora_b]) as (w, a, b):
+        residual = residual_weight(w.T if conv1d else w, a, b, layer.scaling[adapter_name], order)
+    assign(name, [(base.weight, residual.T if conv1d else residual)])
 
 
 def subtract_adapters(model: nn.Module, adapter_name: str = "default", order: ResidualOrder = "product") -> int:
@@ -88,6 +88,6 @@ def subtract_adapters(model: nn.Module, adapter_name: str = "default", order: Re
         How many layers were rewritten.
     """
     layers = lora_layers(model, adapter_name)
-    for layer in layers.values():
-        subtract_adapter(layer, adapter_name, order)
+    for name, layer in layers.items():
+        subtract_adapter(layer, adapter_name, order, name=name)
     return len(layers)

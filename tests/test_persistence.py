@@ -137,3 +137,28 @@ def test_every_method_rebuilds_its_base_bit_for_bit(method, tmp_path):
     if METHODS[method].base.rewrites_base:  # and the check above really looked at a rewritten base
         layer = next(iter(lora_layers(model, "default").values()))
         assert not torch.equal(layer.get_base_layer().weight, factory().model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("order", ["product", "scaled_b"])
+def test_subtract_adapters_takes_s_b_a_out_of_every_base(family, order):
+    """rewrite.subtract_adapters, the one W ← W − s·B·A: in the (d_out, d_in) convention whatever the layer stores
+    (GPT-2's Conv1D keeps Wᵀ), rounded in the order asked, and the model's outputs stay where they were."""
+    from astra_peft.layers import weight_matrix
+    from astra_peft.rewrite import residual_weight, subtract_adapters
+
+    model = peft_model(family, r=4, alpha=7).eval()
+    _train_a_little(model)  # a non-zero B·A in every layer
+    batch = make_batches()[0]
+    with model.disable_adapter():
+        base_logits = logits(model, batch)  # W alone
+    layers = lora_layers(model, "default")
+    originals = {n: weight_matrix(l.get_base_layer()).detach().clone() for n, l in layers.items()}
+    assert subtract_adapters(model, "default", order) == len(layers) > 0
+    for name, layer in layers.items():
+        a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+        assert torch.equal(weight_matrix(layer.get_base_layer()), residual_weight(originals[name], a, b, s, order))
+    # the base now holds W − s·BA, so with the adapter on the model computes W again
+    assert (logits(model, batch) - base_logits).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="order"):
+        residual_weight(originals[name], a, b, s, "sideways")
