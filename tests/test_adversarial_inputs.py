@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -114,7 +113,7 @@ def _sparse(name, size):
 
 
 def _readonly_parent(w):
-    return "/proc/astra-adversarial/out"  # a folder no one, root included, may create anything in
+    return "/sys/astra-adversarial/out"  # a folder no one, root included, may create anything in (EPERM)
 
 
 SETTINGS = "settings (non-finite or nonsensical)"
@@ -193,7 +192,7 @@ CASES = [
          lambda w: finetune()({**w, "out": w["tmp"] / "afile" / "out"}), lambda w: ["--output", "afile"],
          setup=lambda w: (w["tmp"] / "afile").write_text("mine\n"), writes="keep"),
     Case("output-read-only", MISTAKES, lambda w: finetune()({**w, "out": _readonly_parent(w)}),
-         lambda w: ["/proc/astra-adversarial"], writes="keep"),
+         lambda w: ["/sys/astra-adversarial"], writes="keep"),
     Case("model-typo", MISTAKES, finetune(model="smolm2-135m"), lambda w: ["--model", "smolm2-135m"]),
     Case("model-is-file", MISTAKES, finetune(model="gen"), lambda w: ["--model", "gen.jsonl"]),
     Case("model-dir-without-config", MISTAKES, finetune(model="tmp"), lambda w: ["--model", "config.json"]),
@@ -207,6 +206,14 @@ CASES = [
          lambda w: ["compare", "--model", str(w["nan"]), "--data", str(w["gen"]), "--methods", "lora,lora:lr=1e-3",
                     "--output", str(w["out"]), *FAST],
          lambda w: ["2 of 2 runs failed", "NaN"], writes="compare"),
+    Case("compare-seeds-not-integer", MISTAKES,
+         lambda w: ["compare", "--model", str(w["llama"]), "--data", str(w["gen"]), "--methods", "lora",
+                    "--seeds", "0,one", "--output", str(w["out"]), *FAST], lambda w: ["--seeds", "one"]),
+    Case("compare-seeds-repeat", MISTAKES,
+         lambda w: ["compare", "--model", str(w["llama"]), "--data", str(w["gen"]), "--methods", "lora",
+                    "--seeds", "0,0", "--output", str(w["out"]), *FAST], lambda w: ["--seeds", "twice"]),
+    Case("analyze-samples-negative", MISTAKES, lambda w: ["analyze", str(w["tmp"]), "--samples", "-3"],
+         lambda w: ["--samples"]),
     # --- method options naming files: confined to the run's --output
     Case("corda-cache-absolute", CONFINED, finetune(method="corda:cache_file=/tmp/astra-adversarial-cache.pt"),
          lambda w: ["cache_file", "--output"]),
@@ -278,7 +285,7 @@ def test_cli_refuses(case, world, tmp_path, monkeypatch, capsys):
         assert needle in errors[0], f"{needle!r} not named in: {errors[0]}"
 
     assert _tree(world["root"]) == world_before, "a file of the model or data folder changed"
-    out = Path(w["out"]) if not str(w["out"]).startswith("/proc") else None
+    out = Path(w["out"]) if not str(w["out"]).startswith("/sys") else None
     outside = {k: v for k, v in _tree(tmp_path).items() if out is None or not (tmp_path / k).is_relative_to(out)}
     assert outside == {k: v for k, v in tmp_before.items() if out is None or not (tmp_path / k).is_relative_to(out)}, \
         "files written outside --output"
@@ -367,31 +374,19 @@ def test_edited_statistics_file_is_refused(edit, tmp_path):
 
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_statistics_from_a_non_regular_file_is_refused(kind, tmp_path):
-    """A FIFO is refused before it is opened (an open would block until a writer came); a guard thread plays that
-    writer after 10 s, so a build without the check fails this test instead of hanging."""
-    from astra_peft.stats import ActivationStats
-
+    """A FIFO is refused before it is opened: an open would block until a writer came (and safetensors holds the
+    GIL while it waits, so no thread of this process could play that writer). Hence a subprocess with a timeout:
+    a build without the check fails this test instead of hanging it."""
     path = tmp_path / "stats.safetensors"
     os.mkfifo(path) if kind == "fifo" else path.mkdir()
-    result = {}
-
-    def load():
-        try:
-            ActivationStats.load(path)
-            result["outcome"] = "loaded"
-        except Exception as err:  # noqa: BLE001
-            result["outcome"] = err
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    thread.join(10)
-    blocked = thread.is_alive()
-    if blocked and kind == "fifo":
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # let the blocked open return, then fail
-        os.close(fd)
-        thread.join(10)
-    assert not blocked, "loading statistics from a FIFO blocked"
-    assert isinstance(result.get("outcome"), ValueError) and str(path) in str(result["outcome"]), result
+    code = ("import sys\nfrom astra_peft.stats import ActivationStats\ntry:\n    ActivationStats.load(sys.argv[1])\n"
+            "except ValueError as err:\n    print(err); sys.exit(3)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading statistics from a FIFO blocked")
+    assert done.returncode == 3 and str(path) in done.stdout, (done.returncode, done.stdout, done.stderr[-1000:])
 
 
 # ------------------------------------------------------------------------------------- metrics over nothing

@@ -181,7 +181,9 @@ def cmd_compare(args) -> int:
 
     threads = _start(args, "compare")
     specs = [_with_shorthands(s, args) for s in parse_method_list(args.methods)]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    from .validation import parse_seeds
+
+    seeds = parse_seeds(args.seeds)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     cfg = _config(args, model=args.model, task=args.task or (tasks[0] if tasks else None), data=args.data,
                   eval_data=args.eval_data, method=specs[0], output=args.output, threads=threads)
@@ -373,12 +375,18 @@ def main(argv=None) -> int:
         print("\nastra: interrupted. Finished runs are kept; the interrupted one resumes from its last checkpoint "
               "when you run the same command again.", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"astra: error: {message}", file=sys.stderr)
+    except Exception as err:  # one of two answers: a one-line `astra: error:` (exit 2), or a bug said to be one
+        from .validation import describe_error
+
         if os.environ.get("ASTRA_DEBUG"):
             raise
-        return 2
+        code, message = describe_error(err)
+        if code != 2:
+            import traceback
+
+            traceback.print_exc()
+        print(message, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -333,3 +333,22 @@ def describe_error(err: BaseException) -> tuple[int, str]:
         return 2, f"astra: error: {message}"
     return 1, (f"astra: internal error: {type(err).__name__}: {err}\n"
                f"This is a bug in astra-peft, please report it with the traceback above and the command you ran.")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` as integers in the seed range, each once (two runs of one seed would share a folder)."""
+    seeds = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            seed = int(part)
+        except ValueError:
+            raise UserError(f"--seeds {text!r}: {part!r} is not an integer") from None
+        _check_int("--seeds", seed, 0, SEED_MAX)
+        if seed in seeds:
+            raise UserError(f"--seeds {text!r}: seed {seed} is listed twice")
+        seeds.append(seed)
+    if not seeds:
+        raise UserError(f"--seeds {text!r}: no seed given")
+    return seeds
