@@ -446,3 +446,23 @@ def test_run_folders_from_before_markers_are_adopted(tiny, tmp_path):
     logs = []
     run_compare(base, "lora", [0], output=cmp, log=logs.append)
     assert any("skipped" in m for m in logs) and not any("running" in m for m in logs)
+
+
+def test_compare_skips_a_run_another_process_is_writing(tiny, tmp_path):
+    """Two comparisons into one folder: a run the other one is writing (its lock held) is skipped, not run twice
+    into the same files, and not reported as a failure."""
+    from astra_peft.harness.compare import run_compare
+    from astra_peft.harness.rundir import CompareDir
+    from astra_peft.harness.training import FinetuneConfig
+
+    base = FinetuneConfig(model=tiny["llama"], data=tiny["gen"], output=str(tmp_path), max_steps=2, batch_size=4,
+                          lr=5e-3, rank=4, alpha=8, progress=False, save_steps=0)
+    cmp = tmp_path / "cmp"
+    CompareDir(cmp).claim_folder()  # the other comparison made the folder
+    busy = CompareDir(cmp).run_dir("gen", "lora", 0)
+    logs = []
+    with busy.lock():  # held as the other process would hold it (an flock: per open file, so it excludes us too)
+        run_compare(base, "lora,dora", [0], output=cmp, log=logs.append)
+    assert any("lora · seed 0: skipped" in m and "being written by another astra process" in m for m in logs)
+    assert not (busy.path / "summary.json").exists() and not (busy.path / "metrics.jsonl").exists()
+    assert (cmp / "runs" / "gen" / "dora" / "seed0" / "summary.json").is_file()

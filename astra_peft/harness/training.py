@@ -29,10 +29,6 @@ from .threads import load_average
 from .run_config import FinetuneConfig  # noqa: F401  (the dataclass lives in a light module; see there)
 
 
-class RunInterrupted(RuntimeError):
-    pass
-
-
 # ------------------------------------------------------------------------------------------ small helpers
 
 
@@ -101,6 +97,9 @@ def run_settings(cfg: FinetuneConfig, task) -> dict:
     settings["model"] = _model_identity(cfg.model)
     settings["data"] = {"task": task.name, "kind": task.kind, "labels": task.labels,
                         **{split: info["sha256"] for split, info in task.split_info().items()}}
+    calibration = _effective(cfg, cfg.spec)["calibration_data"]
+    if calibration and Path(calibration).expanduser().is_file():  # a text/JSONL file: its content, not its name
+        settings["calibration_sha256"] = hashlib.sha256(Path(calibration).expanduser().read_bytes()).hexdigest()
     settings["versions"] = _versions()
     return settings
 
