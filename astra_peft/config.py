@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import textwrap
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
@@ -199,4 +201,27 @@ class AstraConfig:
             raise ValueError(f"AstraConfig.max_tokens must be positive, got {self.max_tokens}.")
 
     def to_dict(self) -> dict:
+        """Every field and its value, as plain JSON-ready data.
+
+        Returns:
+            {field name: value}.
+        """
         return asdict(self)
+
+
+def _document_fields(cls: type) -> None:
+    """Append an Args section to `cls`'s docstring from its fields' `metadata["help"]`: each option's
+    explanation is written once, in the field, and shows in `help(AstraConfig)` and the API docs alike."""
+    lines = ["", "Args:"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"    {f.name} (default {default!r}):")
+        lines.append(textwrap.fill(f.metadata.get("help", ""), width=100, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 8))
+    lines += ["", "Raises:",
+              "    ValueError: A choice outside its Literal alias, statistic='max_normalized' with",
+              "        statistic_source='input', null_space_rtol outside [0, 1), or max_tokens ≤ 0."]
+    cls.__doc__ = inspect.cleandoc(cls.__doc__ or "") + "\n" + "\n".join(lines)
+
+
+_document_fields(AstraConfig)
