@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import AstraConfig
 from .layers import check_supported, layer_digest, out_in_dims, target_base_layers
-from .sharding import Lockstep, check_not_fsdp1, gather_during_forward, unwrap
+from .sharding import Lockstep, check_not_fsdp1, gather_during_forward, reshard, unwrap
 from .stats import Accumulator, ActivationStats, LayerRecord
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
@@ -106,14 +106,24 @@ def effective_rank_stats(
 def _calibration_mode(model: nn.Module, disable_adapters: bool = True):
     # Restore each module's own flag: a wrapper can say training=True over modules left in eval mode.
     modes = [(m, m.training) for m in model.modules()]
+    # FSDP2 swaps parameter objects between forwards (sharded DTensors ↔ unsharded copies), and PEFT's
+    # disable_adapter sets requires_grad on whichever objects are in place when it enters and exits: start and
+    # end sharded, and put every flag back, or the adapter silently stops being trainable.
+    reshard(model)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     disable = getattr(model, "disable_adapter", None) if disable_adapters else None
     try:
         with torch.no_grad(), (disable() if callable(disable) else contextlib.nullcontext()):
-            yield
+            try:
+                yield
+            finally:
+                reshard(model)
     finally:
         for module, mode in modes:
             module.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
 
 def _chain(first, rest):

@@ -14,7 +14,7 @@ from .calibration import ForwardFn, collect_activation_stats
 from .config import AccumulatorKind, AstraConfig
 from .layers import check_supported, full_weight, layer_digest, lora_layers, out_in_dims
 from .rewrite import residual_weight
-from .sharding import assign, check_not_fsdp1, unwrap
+from .sharding import assign, check_not_fsdp1, reshard, unwrap
 from .spectrum import Selection, select_eigenvectors
 from .stats import ActivationStats
 
@@ -95,6 +95,7 @@ def initialize_astra_weights(
             f"a calibration with AstraConfig(statistic='{config.statistic}')."
         )
 
+    reshard(peft_model)  # FSDP2 keeps the root unit unsharded after calibration's forward: write the shards
     start = time.perf_counter()
     bases = {}
     # One bar over the layers: on a large model this phase takes minutes and would otherwise be silent.

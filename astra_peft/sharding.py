@@ -293,3 +293,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or "lora_" in n]
     with full_tensors([p for _, p in named]) as values:
         return {n: v.detach().to("cpu", copy=True) for (n, _), v in zip(named, values)}
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of `model` back in its sharded state before Astra reads or writes its weights.
+
+    After a forward (Astra's calibration included), FSDP2 leaves the root unit's parameters unsharded: plain
+    tensors gathered from the DTensor shards, which the next reshard frees without copying back. Written there,
+    Astra's A, B and residual would be silently lost at the first reshard (tested: the model fell back to PEFT's
+    default A/B). Resharded, the parameters are the DTensors the optimizer steps and every all-gather reads.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

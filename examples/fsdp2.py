@@ -17,6 +17,7 @@ before wrapping, or use FSDP2.
 """
 
 import sys
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -59,9 +60,10 @@ def calibration_batches(n_batches: int = 4, batch_size: int = 4, length: int = 2
     return batches
 
 
-def shard(model):
-    for layer in model.base_model.model.model.layers:  # each decoder layer its own FSDP unit, then the root
-        fully_shard(layer)
+def shard(model, per_layer: bool = True):
+    if per_layer:
+        for layer in model.base_model.model.model.layers:  # each decoder layer its own FSDP unit, then the root
+            fully_shard(layer)
     fully_shard(model)
     return model
 
@@ -72,14 +74,15 @@ def astra_before_sharding(my_batches: list[dict]):
     return shard(model)
 
 
-def astra_after_sharding(my_batches: list[dict]):
-    model = shard(get_peft_model(tiny_llama(), lora_config()))
+def astra_after_sharding(my_batches: list[dict], per_layer: bool = True):
+    model = shard(get_peft_model(tiny_llama(), lora_config()), per_layer)
     initialize_astra_weights(model, my_batches, astra_config())
     return model
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     """Every LoRA A/B and target base weight, whole, by name (a collective: every rank calls it)."""
+    model.reshard()  # read the shards themselves: after a forward the root unit holds unsharded copies
     keep = ("lora_A", "lora_B", "base_layer")
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if any(k in n for k in keep)}
 
@@ -100,7 +103,13 @@ def main(out_dir=None) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = calibration_batches()
     results = {}
-    for route, build in {"before_sharding": astra_before_sharding, "after_sharding": astra_after_sharding}.items():
+    routes = {
+        "before_sharding": astra_before_sharding,
+        "after_sharding": astra_after_sharding,
+        # one FSDP unit: every target layer is in the root, which a forward leaves unsharded
+        "after_sharding_root_only": partial(astra_after_sharding, per_layer=False),
+    }
+    for route, build in routes.items():
         model = build(batches[rank::world])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
         at_init = snapshot(model)
@@ -115,7 +124,8 @@ def main(out_dir=None) -> dict:
         b_moved = max((after_step[n] - at_init[n]).abs().max().item() for n in at_init if "lora_B" in n)
         if rank == 0:
             print(f"{route}: max |B after one step - B at init| = {b_moved:.2e} (lr {LR})")
-        results[route] = {"init": at_init, "step": after_step, "logits": logits}
+        trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        results[route] = {"init": at_init, "step": after_step, "logits": logits, "trainable": trainable}
     if rank == 0 and out_dir:
         torch.save(results, f"{out_dir}/fsdp2.pt")
     dist.barrier()

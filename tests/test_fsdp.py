@@ -52,9 +52,11 @@ def test_fsdp2_matches_single_process_and_is_what_training_steps_from(tmp_path):
 
     reference_adapter = get_peft_model_state_dict(reference)
 
-    assert set(results) == {"before_sharding", "after_sharding"}
+    assert set(results) == {"before_sharding", "after_sharding", "after_sharding_root_only"}
     for route, got in results.items():
         assert set(got["init"]) and set(got["init"]) <= set(expected), route
+        # Everything PEFT made trainable still is (FSDP2 swaps parameter objects under PEFT's disable_adapter).
+        assert got["trainable"] == sorted(n for n, p in reference.named_parameters() if p.requires_grad), route
         init_error = max((got["init"][n] - expected[n]).abs().max().item() for n in got["init"])
         assert init_error <= 1e-6, (route, init_error)
         assert (got["logits"] - original_logits).abs().max().item() <= 1e-5, route
