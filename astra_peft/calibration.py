@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import AstraConfig
 from .layers import check_supported, layer_digest, out_in_dims, target_base_layers
-from .sharding import Lockstep, check_not_fsdp1, gather_during_forward, reshard, unwrap
+from .sharding import Lockstep, check_not_fsdp1, gather_during_forward, is_dtensor, reshard, unwrap
 from .stats import Accumulator, ActivationStats, LayerRecord
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
@@ -293,6 +293,15 @@ class _Collector:
 
     def _add(self, name: str, acc_id: int, rows: torch.Tensor, sequences: int) -> None:
         acc = self.accumulators[acc_id]
+        if rows.shape[-1] != acc.dim or is_dtensor(rows):
+            # e.g. tensor parallelism: each rank sees a slice of the features (or a DTensor of them)
+            side = "input" if acc.kind == "input" else "output"
+            raise RuntimeError(
+                f"Layer '{name}': its {side} activations have {rows.shape[-1]} features here "
+                f"({type(rows).__name__}), where the layer has {acc.dim}: they are sharded (tensor parallelism?), "
+                "which Astra's calibration does not support. Calibrate an unsharded copy (or the FSDP2/ZeRO-3 model "
+                "without tensor parallelism) and pass the statistics with `stats=`."
+            )
         x = rows.to(self.dtype)
         batch_sum = x.sum(0)
         if not torch.isfinite(batch_sum).all():

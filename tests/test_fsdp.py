@@ -97,3 +97,16 @@ def test_an_empty_or_flattened_weight_is_refused_naming_the_layer(batches, shape
     layer.weight = nn.Parameter(torch.zeros(shape))  # what a wrapper leaves behind in place of the (32, 32) matrix
     with pytest.raises(TypeError, match=r"Layer 'model\.layers\.1\.self_attn\.q_proj' holds a weight of shape"):
         collect_activation_stats(model, batches, lora_config("llama"))
+
+
+def test_sharded_activations_are_refused_naming_the_layer(batches):
+    # What tensor parallelism looks like from a hook: each rank sees a slice of a layer's output features.
+    from astra_peft import AstraConfig
+
+    model = tiny_llama()
+    layer = model.model.layers[0].mlp.up_proj
+    layer.register_forward_hook(lambda module, args, output: output[..., : output.shape[-1] // 2])
+    # (max_normalized: no probing forward, so the collector's hook is the first to see the slice)
+    with pytest.raises(RuntimeError, match=r"Layer 'model\.layers\.0\.mlp\.up_proj': its output activations have "
+                                            r"32 features here \(Tensor\), where the layer has 64: they are sharded"):
+        collect_activation_stats(model, batches, lora_config("llama"), AstraConfig(statistic="max_normalized"))
