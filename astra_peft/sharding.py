@@ -10,11 +10,14 @@ sharded model each rank holds a slice, so:
   over the model's on every step: A and B are written into those masters too, or the first step would restore
   PEFT's default A/B over a residual base.
 - FSDP2 (`fully_shard`): parameters are DTensors, read with `full_tensor()` and written back with
-  `distribute_tensor` to the same mesh and placements (FSDP2's optimizer steps on these very DTensors).
-- FSDP1 (`FullyShardedDataParallel`, flat parameters): refused, naming the layer.
+  `distribute_tensor` to the same mesh and placements (FSDP2's optimizer steps on these very DTensors), after
+  `reshard()`: a forward leaves the root unit holding unsharded copies that are discarded, not written back.
+- FSDP1 (`FullyShardedDataParallel`, flat parameters), flattened or empty weights, sharded activations (tensor
+  parallelism): refused, naming the module or layer.
 
-Every rank must call Astra, in the same order, with the same layers: reading or writing a sharded weight is a
-collective operation.
+Every rank must call Astra, in the same order, with the same layers, and calibrate on the same number of
+batches (`Lockstep` checks it): reading or writing a sharded weight, and every forward, is collective.
+`adapter_state_dict` gathers an adapter for saving (PEFT's own `save_pretrained` writes ZeRO-3's placeholders).
 """
 
 from __future__ import annotations
