@@ -219,6 +219,23 @@ def compare_never_overwrites_a_report_it_did_not_make(env):
     assert (out / "summary.csv").read_text() == "mine\n" and not (out / "runs").exists()
 
 
+def analyze_never_overwrites_user_files(env):
+    """`astra analyze RUN --output DIR` into a folder holding the user's own effective_rank.md: refused, untouched;
+    its own output (RUN/analysis) it rewrites freely."""
+    run, mine = env.tmp / "run", env.tmp / "paper"
+    assert env.finetune(run)[0] == 0
+    mine.mkdir()
+    (mine / "effective_rank.md").write_text("# my own table\n")
+    before = snapshot(mine)
+    code, err = env.cli("analyze", run, "--samples", "4", "--output", mine)
+    assert code == 2 and "effective_rank.md" in err
+    assert snapshot(mine) == before
+    for _ in range(2):
+        code, err = env.cli("analyze", run, "--samples", "4")
+        assert code == 0, err
+    assert (run / "analysis" / "effective_rank.csv").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- stale results
 
 
@@ -467,6 +484,7 @@ CASES = [
     ("data loss", force_keeps_user_files_in_a_run_folder),
     ("data loss", compare_into_user_folder),
     ("data loss", compare_never_overwrites_a_report_it_did_not_make),
+    ("data loss", analyze_never_overwrites_user_files),
     ("stale results", finished_rerun_other_lr),
     ("stale results", finished_rerun_other_method),
     ("stale results", finished_rerun_other_data_same_path),

@@ -248,42 +248,36 @@ def read_jsonl(path) -> list[dict]:
 # --------------------------------------------------------------------------------------------- a comparison
 
 
-class CompareDir(OwnedDir):
-    """A comparison's folder: compare.json, the report files it made (listed in its marker) and runs/."""
+class _ReportDir(OwnedDir):
+    """A folder of report files (REPORT) that astra writes and may overwrite only while they are as it left them:
+    the marker keeps each one's content hash."""
 
-    KIND = "comparison"
-    COMPARE, RUNS = "compare.json", "runs"
-    REPORT = ("summary.md", "summary.csv", "loss.png", "grad_norm.png")
-    OWNED = (MARKER, LOCK, COMPARE, RUNS, *REPORT)
-    LEGACY_FILE, LEGACY_KEYS = COMPARE, ("base", "methods", "seeds", "tasks")
+    REPORT: tuple[str, ...] = ()
 
     def claim_folder(self) -> None:
-        """Make the folder ours (new, empty or already a comparison); the runs inside have their own settings.
+        """Make the folder ours: new, empty or already ours (a comparison's runs have their own settings).
 
         Raises:
             UserError: If it is someone else's folder.
         """
         self.check_writable()
         self.path.mkdir(parents=True, exist_ok=True)
-        if self.read_marker() is None:  # new, empty, or ours from before markers: its report files are ours
-            made = {n: _sha256(self.path / n) for n in self.REPORT if (self.path / n).is_file()}
+        if self.read_marker() is None:  # only a folder of ours from before markers has report files that are ours
+            legacy = self._is_legacy()
+            made = {n: _sha256(self.path / n) for n in self.REPORT if legacy and (self.path / n).is_file()}
             self._write_marker({}, made=made)
 
-    def run_dir(self, task_label: str, method_slug: str, seed: int) -> RunDir:
-        """runs/TASK/METHOD/seedN, from sanitised names, checked to lie inside this folder."""
-        return RunDir(inside(self.path, self.RUNS, safe_name(task_label), safe_name(method_slug), f"seed{int(seed)}"))
-
-    def write_compare(self, payload: dict) -> None:
-        write_json_atomic(self.path / self.COMPARE, payload)
-
     def check_report_files(self) -> None:
-        """Refuse to overwrite a report file this comparison did not make: one it never wrote (the user's own
+        """Refuse to overwrite a report file astra did not make here: one it never wrote (the user's own
         summary.md, say) or one changed since (its content hash, kept in the marker, differs).
 
         Raises:
             UserError: Naming the file.
         """
-        made = (self.read_marker() or {}).get("made") or {}
+        marker = self.read_marker() if self.path.is_dir() else None
+        if marker is None and self._is_legacy():
+            return  # a folder of ours from before markers: its report files are ours
+        made = (marker or {}).get("made") or {}
         for name in self.REPORT:
             path = self.path / name
             if path.exists() and (not path.is_file() or made.get(name) != _sha256(path)):
@@ -295,6 +289,47 @@ class CompareDir(OwnedDir):
         marker = self.read_marker() or {}
         made = {n: _sha256(self.path / n) for n in self.REPORT if (self.path / n).is_file()}
         self._write_marker(marker.get("settings") or {}, made=made)
+
+
+class CompareDir(_ReportDir):
+    """A comparison's folder: compare.json, the report files it made (listed in its marker) and runs/."""
+
+    KIND = "comparison"
+    COMPARE, RUNS = "compare.json", "runs"
+    REPORT = ("summary.md", "summary.csv", "loss.png", "grad_norm.png")
+    OWNED = (MARKER, LOCK, COMPARE, RUNS, *REPORT)
+    LEGACY_FILE, LEGACY_KEYS = COMPARE, ("base", "methods", "seeds", "tasks")
+
+    def run_dir(self, task_label: str, method_slug: str, seed: int) -> RunDir:
+        """runs/TASK/METHOD/seedN, from sanitised names, checked to lie inside this folder."""
+        return RunDir(inside(self.path, self.RUNS, safe_name(task_label), safe_name(method_slug), f"seed{int(seed)}"))
+
+    def write_compare(self, payload: dict) -> None:
+        write_json_atomic(self.path / self.COMPARE, payload)
+
+
+class AnalysisDir(_ReportDir):
+    """`astra analyze`'s output folder (RUN/analysis/ by default): the effective-rank table, CSV and chart."""
+
+    KIND = "analysis"
+    REPORT = ("effective_rank.md", "effective_rank.csv", "effective_rank.png")
+    OWNED = (MARKER, LOCK, *REPORT)
+
+    def check_writable(self) -> None:
+        """Three files of its own: any folder will do (a marker of another kind aside), as long as no file of the
+        same name is there that astra did not make (`check_report_files`)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path} is a file, not a folder")
+        marker = self.read_marker() if self.path.is_dir() else None
+        if marker is not None and marker.get("kind") != self.KIND:
+            raise UserError(f"{self.path} is an astra {marker.get('kind')} folder, not an {self.KIND} folder; "
+                            f"choose another --output")
+
+    def _is_legacy(self) -> bool:  # written before markers: nothing but its report files, the CSV among them
+        if self.marker_path.exists() or not self.path.is_dir():
+            return False
+        names = {p.name for p in self.path.iterdir()}
+        return "effective_rank.csv" in names and names <= set(self.OWNED)
 
 
 def _sha256(path: Path) -> str:
