@@ -209,6 +209,9 @@ def cmd_analyze(args) -> int:
     from .rundir import AnalysisDir, RunDir
 
     _start(args, "analyze")
+    from .validation import check_count
+
+    check_count("--samples", args.samples)  # before the analysis folder is claimed: a refusal writes nothing
     out = AnalysisDir(args.output or RunDir(args.run).file(RunDir.ANALYSIS))
     out.check_writable()  # a file, or report files astra did not make there: refused before the work
     out.check_report_files()

@@ -352,3 +352,9 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise UserError(f"--seeds {text!r}: no seed given")
     return seeds
+
+
+def check_count(where: str, value) -> int:
+    """`value` if it is an integer ≥ 1; else UserError naming `where` (a flag such as --samples)."""
+    _check_int(where, value, 1)
+    return value
