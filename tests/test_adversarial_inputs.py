@@ -97,6 +97,15 @@ GEN_ROW = {"prompt": "Question: is one more than two ?\nAnswer:", "completion": 
            "answer": 1}
 
 
+def _gen_rows(n):
+    """n generation rows with distinct prompts (rows with one prompt form one group and one split)."""
+    return [{**GEN_ROW, "prompt": f"Question: is {i} more than {i + 1} ?\nAnswer:"} for i in range(n)]
+
+
+def _cls_rows(n):
+    return [{"text": f"row {i} great" if i % 2 else f"row {i} awful", "label": i % 2} for i in range(n)]
+
+
 def _mkfifo(name):
     def setup(w):
         os.mkfifo(w["tmp"] / name)
@@ -164,9 +173,9 @@ CASES = [
     Case("calibration-fifo", BOUNDED, finetune("--calibration-data", lambda w: str(w["calib.txt"]), method="astra"),
          lambda w: ["--calibration-data", "FIFO"], setup=_mkfifo("calib.txt"), isolated=True),
     Case("data-long-line", BOUNDED, finetune(data="long.jsonl"), lambda w: ["long.jsonl:1", "longer than"],
-         setup=_write("long.jsonl", _rows([{**GEN_ROW, "prompt": "x " * (3 << 20)}]))),
-    Case("label-ten-million", BOUNDED, finetune(data="big.jsonl"), lambda w: ["big.jsonl:2", "10000000"],
-         setup=_write("big.jsonl", _rows([{"text": "a b", "label": 0}, {"text": "c d", "label": 10**7}]))),
+         setup=_write("long.jsonl", _rows([{**GEN_ROW, "prompt": "x " * (3 << 20)}, *_gen_rows(30)]))),
+    Case("label-ten-million", BOUNDED, finetune(data="big.jsonl"), lambda w: ["big.jsonl:31", "10000000"],
+         setup=_write("big.jsonl", _rows([*_cls_rows(30), {"text": "c d", "label": 10**7}])), isolated=True),
     Case("labels-1001-distinct", BOUNDED, finetune(data="many.jsonl"), lambda w: ["many.jsonl:1001", "1000"],
          setup=_write("many.jsonl", _rows([{"text": f"row {i}", "label": f"L{i}"} for i in range(1200)]))),
     Case("label-5000-digits", BOUNDED, finetune(data="digits.jsonl"), lambda w: ["digits.jsonl:1"],
@@ -174,9 +183,9 @@ CASES = [
     Case("data-not-utf8", BOUNDED, finetune(data="latin.jsonl"), lambda w: ["latin.jsonl:2", "UTF-8"],
          setup=_write("latin.jsonl", data=(json.dumps(GEN_ROW) + "\n").encode() + b'{"prompt": "caf\xe9"}\n')),
     Case("choices-empty", BOUNDED, finetune(data="empty.jsonl"), lambda w: ["empty.jsonl:1", "choice"],
-         setup=_write("empty.jsonl", _rows([{**GEN_ROW, "choices": ["", " no"]}] * 30))),
+         setup=_write("empty.jsonl", _rows([{**r, "choices": ["", " no"]} for r in _gen_rows(30)]))),
     Case("choices-repeat", BOUNDED, finetune(data="twice.jsonl"), lambda w: ["twice.jsonl:1", "choices"],
-         setup=_write("twice.jsonl", _rows([{**GEN_ROW, "choices": [" no", " no"]}] * 30))),
+         setup=_write("twice.jsonl", _rows([{**r, "choices": [" no", " no"]} for r in _gen_rows(30)]))),
     Case("labels-one-class", BOUNDED, finetune(data="one.jsonl"), lambda w: ["one.jsonl", "two classes"],
          setup=_write("one.jsonl", _rows([{"text": f"row {i}", "label": "only"} for i in range(30)]))),
     # --- user mistakes: one line naming the flag or file, never a traceback
