@@ -215,7 +215,6 @@ def cmd_analyze(args) -> int:
     out = AnalysisDir(args.output or RunDir(args.run).file(RunDir.ANALYSIS))
     out.check_writable()  # a file, or report files astra did not make there: refused before the work
     out.check_report_files()
-    out.claim_folder()
     before, after = analyze_run(args.run, split=args.split, samples=args.samples, progress=args.progress)
     rows = effective_rank_table(before, after)
     # Title with what was analysed (model, task, method), not the run's path; the row count is what the
@@ -233,6 +232,8 @@ def cmd_analyze(args) -> int:
     if n_rows is not None:
         title += f" ({n_rows} {args.split} rows)"
         print(f"astra analyze: effective rank measured on {n_rows} rows of the {args.split} split")
+    out.claim_folder()  # made (or marked) only now that there is something to write
+    out.check_report_files()
     paths = write_effective_rank(rows, out.path, title=title)
     out.record_report_files()
     print(Path(paths["md"]).read_text())
