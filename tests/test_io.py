@@ -92,3 +92,18 @@ def test_restart_and_force_are_one_flag():
     assert build_parser().parse_args([*base, "--restart"]).force
     assert build_parser().parse_args([*base, "--force"]).force
     assert not build_parser().parse_args(base).force
+
+
+def test_a_run_folder_without_results_takes_new_settings(tmp_path):
+    """A run that failed before producing anything (a mistyped --model) leaves only its marker and config: the
+    corrected command starts afresh. Once a result exists, other settings are refused."""
+    from astra_peft.harness.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert run.claim({"model": "typo", "lr": 1}) == "new"
+    run.write_config({"model": "typo"})
+    assert run.claim({"model": "right", "lr": 1}) == "restarted" and not run.file(RunDir.CONFIG).exists()
+    run.file(RunDir.METRICS).write_text('{"loss": 1.0, "step": 1}\n')
+    with pytest.raises(ValueError, match="other settings \\(lr: 1 → 2\\)"):
+        run.claim({"model": "right", "lr": 2})
+    assert run.claim({"model": "right", "lr": 2}, restart=True) == "restarted"

@@ -158,7 +158,9 @@ class OwnedDir:
             self.restart(settings)
             return "new"
         diff = settings_diff(marker["settings"], settings)
-        if restart or (diff and restart_if_changed):
+        # A folder with nothing made yet (a run that failed before its first result: a mistyped --model, say)
+        # has nothing to keep stale: it starts afresh with the new settings.
+        if restart or (diff and (restart_if_changed or not self._has_results())):
             self.restart(settings)
             return "restarted"
         if not diff:
@@ -183,6 +185,9 @@ class OwnedDir:
 
     def _legacy_settings(self, settings: dict) -> dict:
         return settings  # overridden where the legacy record says more
+
+    def _has_results(self) -> bool:
+        return True  # overridden where a folder can tell it holds nothing worth keeping
 
     def recorded_settings(self, current: dict) -> Optional[dict]:
         """The settings the folder says it was made with (its marker, or the record of a folder from before

@@ -121,6 +121,10 @@ class RunDir(OwnedDir):
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def _has_results(self) -> bool:
+        """Anything an earlier attempt produced (an initialisation, a logged step, a checkpoint, weights)."""
+        return any(self.file(n).exists() for n in (*self.TRAINED, self.INIT, self.ADAPTER_INIT, self.ANALYSIS))
+
     def is_finished(self) -> bool:
         return self.file(self.SUMMARY).is_file() and (self.is_ours() or self._is_legacy())
 
