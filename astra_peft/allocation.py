@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import out_in_dims, target_base_layers, weight_matrix
+from .layers import full_weight, out_in_dims, target_base_layers
 from .spectrum import effective_rank, eigenvalues
 from .stats import ActivationStats
 
@@ -162,7 +162,8 @@ def _layer_effective_rank(stats: ActivationStats, name: str, layer: nn.Module, s
         return effective_rank(eigenvalues(stats.output_statistic(name, statistic)))
     # F·G·Fᵀ's non-zero eigenvalues are those of R·G·Rᵀ (F = QR): p × p instead of d_out × d_out, and the
     # d_out − p structural zeros add nothing to the entropy.
-    f, g = stats.output_factors(name, statistic, weight_matrix(layer), layer.bias)
+    with full_weight(layer) as (w, bias):  # whole even where ZeRO-3 or FSDP2 shards it
+        f, g = stats.output_factors(name, statistic, w, bias)
     r = torch.linalg.qr(f.to(torch.float64), mode="r").R
     small = r @ g @ r.T
     return effective_rank(eigenvalues(((small + small.T) / 2).cpu()))
