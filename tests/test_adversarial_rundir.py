@@ -43,7 +43,9 @@ class Env:
 
         self.capsys.readouterr()
         code = main([str(a) for a in args])
-        return code, self.capsys.readouterr().err
+        captured = self.capsys.readouterr()
+        self.out = captured.out  # what the command printed (a comparison's log)
+        return code, captured.err
 
     def finetune(self, output, *extra, data=None, model=None):
         return self.cli("finetune", "--model", model or self.tiny["llama"], "--data", data or self.tiny["gen"],
@@ -469,6 +471,26 @@ def second_writer_refused_then_stale_lock_taken_over(env):
     assert not (out / ".astra-run.lock").exists()  # taken over, then released
 
 
+def compare_skips_a_run_being_written(env):
+    """Two comparisons into one folder: the run the other process is writing is skipped, not trained a second
+    time into the same files."""
+    out = env.tmp / "cmp"
+    assert env.compare(out, methods="dora")[0] == 0
+    run = out / "runs" / "gen" / "lora" / "seed0"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(env.tiny["llama"]), str(env.tiny["gen"]), str(run)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert any(line.strip() == "training" for line in iter(writer.stdout.readline, ""))
+        code, err = env.compare(out, methods="lora,dora")
+        assert code == 0, err
+        assert f"skipped: {run} is being written by another astra process (pid {writer.pid}" in env.out
+        assert not (run / "summary.json").exists()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+
+
 # -------------------------------------------------------------------------------------------------- the table
 
 
@@ -502,6 +524,7 @@ CASES = [
     ("resume", cut_last_metrics_line),
     ("resume", damaged_metrics_line),
     ("lock", second_writer_refused_then_stale_lock_taken_over),
+    ("lock", compare_skips_a_run_being_written),
 ]
 
 
