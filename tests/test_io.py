@@ -107,3 +107,18 @@ def test_a_run_folder_without_results_takes_new_settings(tmp_path):
     with pytest.raises(ValueError, match="other settings \\(lr: 1 → 2\\)"):
         run.claim({"model": "right", "lr": 2})
     assert run.claim({"model": "right", "lr": 2}, restart=True) == "restarted"
+
+
+def test_a_setting_added_later_compares_at_its_default(tmp_path):
+    """A FinetuneConfig field added after a run folder was made is missing from its record: at the field's
+    default nothing differs; at another value the folder is refused, naming it."""
+    from astra_peft.harness.rundir import MARKER, RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.claim({"lr": 1})
+    run.file(RunDir.METRICS).write_text('{"loss": 1.0, "step": 1}\n')
+    marker = json.loads((run.path / MARKER).read_text())
+    assert "eval_steps" not in marker["settings"]
+    assert run.claim({"lr": 1, "eval_steps": 0}) == "same"  # the default of FinetuneConfig.eval_steps
+    with pytest.raises(ValueError, match="eval_steps: 0 → 5"):  # the default it ran with, named
+        run.claim({"lr": 1, "eval_steps": 5})

@@ -157,7 +157,7 @@ class OwnedDir:
         if marker.get("settings") is None:  # a restart cut short: our files, no valid state
             self.restart(settings)
             return "new"
-        diff = settings_diff(marker["settings"], settings)
+        diff = settings_diff(self._completed(marker["settings"], settings), settings)
         # A folder with nothing made yet (a run that failed before its first result: a mistyped --model, say)
         # has nothing to keep stale: it starts afresh with the new settings.
         if restart or (diff and (restart_if_changed or not self._has_results())):
@@ -186,6 +186,9 @@ class OwnedDir:
     def _legacy_settings(self, settings: dict) -> dict:
         return settings  # overridden where the legacy record says more
 
+    def _completed(self, recorded: dict, current: dict) -> dict:
+        return recorded  # overridden where settings added since have a known value for older folders
+
     def _has_results(self) -> bool:
         return True  # overridden where a folder can tell it holds nothing worth keeping
 
@@ -200,7 +203,8 @@ class OwnedDir:
             marker = self.read_marker()
         except ValueError:
             return None
-        return marker.get("settings") if marker and marker.get("kind") == self.KIND else None
+        recorded = marker.get("settings") if marker and marker.get("kind") == self.KIND else None
+        return self._completed(recorded, current) if recorded else recorded
 
     def _marker_damaged(self) -> bool:
         try:

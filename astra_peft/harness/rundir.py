@@ -121,6 +121,17 @@ class RunDir(OwnedDir):
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def _completed(self, recorded: dict, current: dict) -> dict:
+        """A FinetuneConfig field added since the folder was made is not in its record: the run had that field's
+        default behaviour, so the default stands in (a new field with the default changes nothing)."""
+        from dataclasses import MISSING, fields
+
+        from .run_config import FinetuneConfig
+
+        defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.default is not MISSING}
+        missing = {k: defaults[k] for k in current if k not in recorded and k in defaults}
+        return {**recorded, **missing} if missing else recorded
+
     def _has_results(self) -> bool:
         """Anything an earlier attempt produced (an initialisation, a logged step, a checkpoint, weights)."""
         return any(self.file(n).exists() for n in (*self.TRAINED, self.INIT, self.ADAPTER_INIT, self.ANALYSIS))
