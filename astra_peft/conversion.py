@@ -139,7 +139,8 @@ def save_as_lora(model: PeftModel, path, initial_path, adapter_name: str = "defa
 
     Loading `path` onto the untouched base model reproduces the trained model's outputs, trained heads
     (`modules_to_save`) and biases included. The model itself is not touched (no adapter is added, no random
-    number drawn), so this is safe in the middle of training.
+    number drawn), so this is safe in the middle of training. On a ZeRO-3 or FSDP2 model every rank must call
+    it (the adapter is gathered whole); rank 0 writes the files.
 
     Args:
         model: The trained PeftModel (its base holds the Astra residual).
@@ -161,9 +162,30 @@ def save_as_lora(model: PeftModel, path, initial_path, adapter_name: str = "defa
     if adapter_name != "default" and not (initial / SAFETENSORS_WEIGHTS_NAME).is_file():
         initial = initial / adapter_name
     _refuse_overlap(folder, initial)
-    model.save_pretrained(str(path), selected_adapters=[adapter_name])
-    # The residual-form files just written are converted in place: read both, then replace each file atomically.
-    return _convert(folder, initial, folder)  # the residual-form files just written, converted in place
+    if not _sharded(model):
+        model.save_pretrained(str(path), selected_adapters=[adapter_name])
+        # The residual-form files just written are converted in place: read both, then replace each file atomically.
+        return _convert(folder, initial, folder)
+    # ZeRO-3 / FSDP2: PEFT's save reads model.state_dict(), which holds ZeRO-3's empty placeholders (written
+    # without an error) or this rank's DTensor shards. Every rank gathers the adapter whole (a collective), rank 0
+    # writes and converts, and the others wait for the files to exist.
+    import torch.distributed as dist
+
+    from .sharding import adapter_state_dict, unwrap
+
+    state = adapter_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        unwrap(model).save_pretrained(str(path), selected_adapters=[adapter_name], state_dict=state)
+        _convert(folder, initial, folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return folder
+
+
+def _sharded(model) -> bool:
+    from .sharding import is_dtensor, is_zero3, unwrap
+
+    return any(is_zero3(p) or is_dtensor(p) for p in unwrap(model).parameters())
 
 
 def _convert(trained_dir, initial_dir, out_dir: Path) -> Path:

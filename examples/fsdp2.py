@@ -25,7 +25,7 @@ from peft import LoraConfig, get_peft_model
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from astra_peft import AstraConfig, initialize_astra_weights
+from astra_peft import AstraConfig, initialize_astra_weights, save_as_lora
 from astra_peft.sharding import adapter_state_dict
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -121,11 +121,17 @@ def main(out_dir=None) -> dict:
             logits = model(**batches[0]).logits
         train_step(model, optimizer, batches[rank])
         after_step = snapshot(model)
+        if out_dir:  # the trained adapter as a plain LoRA of the ORIGINAL base (every rank calls it; rank 0 writes)
+            save_as_lora(model, f"{out_dir}/{route}_lora", f"{out_dir}/{route}_initial_adapter")
+            with torch.no_grad():
+                trained_logits = model(**batches[0]).logits
         b_moved = max((after_step[n] - at_init[n]).abs().max().item() for n in at_init if "lora_B" in n)
         if rank == 0:
             print(f"{route}: max |B after one step - B at init| = {b_moved:.2e} (lr {LR})")
         trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         results[route] = {"init": at_init, "step": after_step, "logits": logits, "trainable": trainable}
+        if out_dir:
+            results[route]["trained_logits"] = trained_logits
     if rank == 0 and out_dir:
         torch.save(results, f"{out_dir}/fsdp2.pt")
     dist.barrier()

@@ -67,6 +67,14 @@ def test_fsdp2_matches_single_process_and_is_what_training_steps_from(tmp_path):
         saved = load_file(tmp_path / f"{route}_initial_adapter" / "adapter_model.safetensors")
         assert saved.keys() == reference_adapter.keys(), route
         assert max((saved[k] - reference_adapter[k]).abs().max().item() for k in saved) <= 1e-6, route
+        # The trained adapter, saved by save_as_lora from the sharded model, is a plain LoRA of the ORIGINAL base.
+        from peft import PeftModel
+
+        reloaded = PeftModel.from_pretrained(ex.tiny_llama(), tmp_path / f"{route}_lora").eval()
+        with torch.no_grad():
+            reload_error = (reloaded(**ex.calibration_batches()[0]).logits - got["trained_logits"]).abs().max().item()
+        assert reload_error <= 1e-5, (route, reload_error)
+        assert (got["trained_logits"] - original_logits).abs().max().item() > 1e-4, route  # training changed it
         astra_b = max(v.abs().max().item() for n, v in got["init"].items() if "lora_B" in n)
         steps = max((got["step"][n] - got["init"][n]).abs().max().item() for n in got["init"] if "lora_" in n)
         print(f"{route}: max |Δ| vs 1 process {init_error:.1e}; max |Δ adapter| after one step {steps:.1e} "
