@@ -64,3 +64,19 @@ def test_apt_download_asks_for_root_only_as_root(tmp_path, monkeypatch, uid, exp
     got = sources._apt_download("python3-pattern")
     assert seen == [["apt-get", "download", *expected, "python3-pattern"]]
     assert got.read_bytes() == b"deb" and got.parent == tmp_path / "downloads"
+
+
+def test_no_progress_silences_the_provisioning_copy_bar(tmp_path, monkeypatch, capsys):
+    # A large copy draws a bar, unless --no-progress set TQDM_DISABLE (an explicit disable= used to override it).
+    import io
+
+    from astra_peft.harness.fetch import copy_with_progress
+
+    data = b"x" * (9 << 20)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    copy_with_progress(io.BytesIO(data), tmp_path / "a", len(data), "extract a")
+    assert "extract a" in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    copy_with_progress(io.BytesIO(data), tmp_path / "b", len(data), "extract b")
+    assert "extract b" not in capsys.readouterr().err
+    assert (tmp_path / "b").read_bytes() == data

@@ -70,8 +70,11 @@ def atomic_dir(dest: Path):
 
 def copy_with_progress(src, dest: Path, total: int | None, desc: str) -> None:
     """Stream the file object `src` to `dest` atomically, with a progress bar for anything large."""
+    # An explicit `disable=` overrides tqdm's TQDM_DISABLE default, which is how --no-progress turns bars off
+    # (harness/quiet.py): honour it here too.
+    small = total is not None and total < 8 << 20
     with atomic_path(dest) as tmp, open(tmp, "wb") as out, tqdm(
-        total=total, unit="B", unit_scale=True, desc=desc, disable=bool(total is not None and total < 8 << 20)
+        total=total, unit="B", unit_scale=True, desc=desc, disable=small or os.environ.get("TQDM_DISABLE") == "1"
     ) as bar:
         while chunk := src.read(1 << 20):
             out.write(chunk)
