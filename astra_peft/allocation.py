@@ -158,7 +158,7 @@ def _check_config(lora_config) -> None:
 
 
 def _layer_effective_rank(stats: ActivationStats, name: str, layer: nn.Module, statistic: str) -> float:
-    if stats.source(name) != "input":
+    if not stats.factored(name):
         return effective_rank(eigenvalues(stats.output_statistic(name, statistic)))
     # F·G·Fᵀ's non-zero eigenvalues are those of R·G·Rᵀ (F = QR): p × p instead of d_out × d_out, and the
     # d_out − p structural zeros add nothing to the entropy.

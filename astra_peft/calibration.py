@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Callable, Iterable, Optional
 
@@ -82,6 +83,7 @@ def collect_activation_stats(
     }
     stats = ActivationStats(records, accumulators, family)
     stats.seconds = time.perf_counter() - start
+    stats._modules = {name: weakref.ref(layer) for name, layer in layers.items() if stats.factored(name)}
     return stats
 
 
@@ -195,7 +197,14 @@ def _plan(layers, groups, config: AstraConfig, family: str) -> list[tuple[str, l
     """(kind, layer names) per accumulator: one input Gram per group, or one output Gram per layer."""
     plan = []
     if family == "max_normalized":
-        return [("max_normalized", [name]) for name in layers]
+        # Each layer has its own per-sequence scales m_s, so no input is shared: per layer, the cheaper of the
+        # output Gram (d_out²) and the weighted Gram of x̃ = [x; 1] ((d_in + 1)², see Accumulator).
+        def kind(layer):
+            d_out, d_in = out_in_dims(layer)
+            cheaper = config.statistic_source == "auto" and d_in + 1 < d_out
+            return "max_normalized_input" if cheaper else "max_normalized"
+
+        return [(kind(layer), [name]) for name, layer in layers.items()]
     for group in groups:
         d_in = out_in_dims(layers[group[0]])[1]
         output_cost = sum(out_in_dims(layers[n])[0] ** 2 for n in group)
@@ -237,7 +246,7 @@ class _Collector:
             for n in names:
                 self.layer_acc[n] = len(self.accumulators)
             d_out, d_in = out_in_dims(layers[names[0]])
-            dim = d_in if kind == "input" else d_out
+            dim = {"input": d_in, "max_normalized_input": d_in + 1}.get(kind, d_out)
             device = "cpu" if config.stats_device == "cpu" else next(layers[names[0]].parameters()).device
             self.accumulators.append(Accumulator.zeros(kind, dim, self.dtype, device))
         self._pending: dict[int, tuple] = {}
@@ -249,6 +258,9 @@ class _Collector:
                 if kind == "input":
                     hook = self._input_hook(n, acc_id, len(names))
                     handles.append(self.layers[n].register_forward_pre_hook(hook, with_kwargs=True))
+                elif kind == "max_normalized_input":  # needs the output's scales and the input: a post-hook sees both
+                    hook = self._weighted_input_hook(n, acc_id)
+                    handles.append(self.layers[n].register_forward_hook(hook, with_kwargs=True))
                 else:
                     handles.append(self.layers[n].register_forward_hook(self._output_hook(n, acc_id)))
         tokens = 0
@@ -275,6 +287,8 @@ class _Collector:
             self.mask = None
             bar.close()
         for acc in self.accumulators:  # _add fills the upper triangle only
+            if acc.kind == "max_normalized_input":  # x̃'s last coordinate is 1: its Gram column is the weighted Σx̃
+                acc.gram[:, -1] = acc.sum
             acc.gram.copy_(torch.triu(acc.gram) + torch.triu(acc.gram, 1).T)
 
     def _rows(self, name: str, act: torch.Tensor) -> torch.Tensor:
@@ -291,29 +305,30 @@ class _Collector:
             rows = act.reshape(-1, act.shape[-1])
         return rows
 
-    def _add(self, name: str, acc_id: int, rows: torch.Tensor, sequences: int) -> None:
+    def _add(self, name: str, acc_id: int, rows: torch.Tensor, sequences: int,
+             row_weight: Optional[torch.Tensor] = None) -> None:
+        """Add rows' Gram (upper triangle) and sum. With `row_weight` (kind max_normalized_input, rows already
+        scaled by it), the Gram covers the first d coordinates and `sum` holds Σ weight·[row; weight]."""
         acc = self.accumulators[acc_id]
-        if rows.shape[-1] != acc.dim or is_dtensor(rows):
-            # e.g. tensor parallelism: each rank sees a slice of the features (or a DTensor of them)
-            side = "input" if acc.kind == "input" else "output"
-            raise RuntimeError(
-                f"Layer '{name}': its {side} activations have {rows.shape[-1]} features here "
-                f"({type(rows).__name__}), where the layer has {acc.dim}: they are sharded (tensor parallelism?), "
-                "which Astra's calibration does not support. Calibrate an unsharded copy (or the FSDP2/ZeRO-3 model "
-                "without tensor parallelism) and pass the statistics with `stats=`."
-            )
+        dim = acc.dim - 1 if row_weight is not None else acc.dim
+        _check_features(name, "input" if acc.kind in ("input", "max_normalized_input") else "output", rows, dim)
         x = rows.to(self.dtype)
-        batch_sum = x.sum(0)
+        if row_weight is None:
+            batch_sum = x.sum(0)
+        else:
+            w = row_weight.to(self.dtype)
+            batch_sum = torch.cat([w @ x, (w @ w)[None]])
         if not torch.isfinite(batch_sum).all():
             raise FloatingPointError(
                 f"Non-finite activations in layer '{name}' (batch {self.batch_index}); it is the first target "
                 "layer, in execution order, where they appear."
             )
         acc.sum += batch_sum.to(acc.sum.device)
+        gram = acc.gram if row_weight is None else acc.gram[:dim, :dim]
         if x.device == acc.gram.device:
-            _add_upper_gram(acc.gram, x)
+            _add_upper_gram(gram, x)
         else:
-            acc.gram += torch.triu(x.T @ x).to(acc.gram.device)
+            gram += torch.triu(x.T @ x).to(acc.gram.device)
         acc.tokens += x.shape[0]
         acc.sequences += sequences
 
@@ -351,8 +366,8 @@ class _Collector:
 
         return hook
 
-    def _max_normalized_rows(self, name, y):
-        """The authors' statistic: each sequence divided by its largest element (`torch.max(out).abs()`)."""
+    def _sequence_peaks(self, name, y):
+        """(y as (sequences, tokens, d), the valid positions, m_s = |max of each sequence's valid outputs|)."""
         y = y.detach()
         if y.dim() == 2:
             y = y.unsqueeze(0)
@@ -362,9 +377,47 @@ class _Collector:
         valid = mask if mask is not None else torch.ones(y.shape[:-1], dtype=torch.bool, device=y.device)
         y = y.to(self.dtype)
         peak = y.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=(1, 2)).abs()
-        has_tokens = valid.any(dim=1)
-        scaled = y / peak.clamp_min(torch.finfo(self.dtype).tiny)[:, None, None]
-        return scaled[valid], int(has_tokens.sum())
+        return y, valid, peak.clamp_min(torch.finfo(self.dtype).tiny)
+
+    def _max_normalized_rows(self, name, y):
+        """The authors' statistic: each sequence divided by its largest element (`torch.max(out).abs()`)."""
+        y, valid, peak = self._sequence_peaks(name, y)
+        scaled = y / peak[:, None, None]
+        return scaled[valid], int(valid.any(dim=1).sum())
+
+    def _weighted_input_hook(self, name, acc_id):
+        """The authors' statistic on the layer's input: rows x/m_s, so their Gram is Σ_s (1/m_s²) Σ_t xxᵀ and
+        W·that·Wᵀ (+ the bias terms, through x̃ = [x; 1]) is Σ_s Σ_t (y/m_s)(y/m_s)ᵀ exactly."""
+
+        d_out = out_in_dims(self.layers[name])[0]
+
+        def hook(module, args, kwargs, output):
+            y = output[0] if isinstance(output, tuple) else output
+            _check_features(name, "output", y, d_out)  # the scales must come from the whole output
+            _, valid, peak = self._sequence_peaks(name, y)
+            x = _input_of(args, kwargs).detach()
+            x = x.unsqueeze(0) if x.dim() == 2 else x
+            if x.shape[:-1] != valid.shape:
+                self._rows(name, x)  # raises the shape error
+            inv = (1 / peak).to(x.device)
+            scaled = x.to(self.dtype) * inv[:, None, None]  # a new tensor: the model's x is left alone
+            rows = scaled[valid.to(x.device)] if self.mask is not None else scaled.reshape(-1, scaled.shape[-1])
+            counts = valid.sum(dim=1).to(x.device)
+            row_inv = inv.repeat_interleave(counts)  # 1/m_s of each row's sequence
+            self._add(name, acc_id, rows, int(valid.any(dim=1).sum()), row_weight=row_inv)
+
+        return hook
+
+
+def _check_features(name: str, side: str, t: torch.Tensor, dim: int) -> None:
+    if t.shape[-1] != dim or is_dtensor(t):
+        # e.g. tensor parallelism: each rank sees a slice of the features (or a DTensor of them)
+        raise RuntimeError(
+            f"Layer '{name}': its {side} activations have {t.shape[-1]} features here "
+            f"({type(t).__name__}), where the layer has {dim}: they are sharded (tensor parallelism?), "
+            "which Astra's calibration does not support. Calibrate an unsharded copy (or the FSDP2/ZeRO-3 model "
+            "without tensor parallelism) and pass the statistics with `stats=`."
+        )
 
 
 def _padding_mask(batch) -> Optional[torch.Tensor]:

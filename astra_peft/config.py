@@ -23,8 +23,9 @@ StatisticSource = Literal["auto", "input", "output"]
 AccumulationDtype = Literal["float32", "float64"]
 StatsDevice = Literal["model", "cpu"]
 # Where one layer's statistic was accumulated: an input Gram shared by the layers reading that input, the
-# layer's own output Gram, or the authors' per-sequence max-normalised output Gram.
-AccumulatorKind = Literal["input", "output", "max_normalized"]
+# layer's own output Gram, the authors' per-sequence max-normalised output Gram, or that statistic kept as the
+# layer's own input Gram with each sequence weighted by 1/m_s² (cheaper where d_in + 1 < d_out).
+AccumulatorKind = Literal["input", "output", "max_normalized", "max_normalized_input"]
 # Which statistics a calibration can serve: "moments" (covariance and second_moment) or "max_normalized".
 StatsFamily = Literal["moments", "max_normalized"]
 # How a residual base W − s·B·A is rounded in float32 (see astra_peft/rewrite.py): "product" forms s·(B@A),
@@ -151,7 +152,9 @@ class AstraConfig:
                 "'input': one d_in × d_in Gram per distinct layer input (q/k/v and gate/up share one), "
                 "then Cov(Y) = W Cov(x) Wᵀ exactly (and E[YYᵀ] from E[xxᵀ], E[x] and the bias). 'auto': "
                 "per group of layers sharing an input, whichever costs fewer multiply-adds per token. "
-                "'max_normalized' always uses outputs."
+                "'max_normalized' (never 'input': each sequence's scale is the max of the layer's outputs) "
+                "uses, under 'auto', per layer the cheaper of its output Gram and its own input Gram with "
+                "each sequence weighted by its output scale; under 'output', the output Gram."
             )
         },
     )

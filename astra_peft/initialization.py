@@ -118,7 +118,7 @@ def initialize_astra_weights(
                 "samples or longer ones)."
             )
         with full_weight(base) as (w, bias):  # whole, even where ZeRO-3 / FSDP2 shard it
-            if stats.source(name) == "input":
+            if stats.factored(name):  # input statistics: F·G·Fᵀ with F the weight, decomposed without forming it
                 statistic = stats.output_factors(name, config.statistic, w, bias)
             else:
                 statistic = stats.output_statistic(name, config.statistic, w, bias)

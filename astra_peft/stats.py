@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -18,13 +19,16 @@ from safetensors.torch import save_file
 
 from ._io import atomic_path
 from .config import AccumulatorKind, StatsFamily, check_choices
+from .layers import layer_digest, weight_matrix
 
 FORMAT = "astra-peft-activation-stats"
 # 2: a content hash over every tensor and metadata field (version 1 files had a fingerprint of the layer list
 # only, so edited token counts or Gram tensors loaded without complaint).
 VERSION = "2"
 HASH_KEY = "content_sha256"
-_KINDS = ("input", "output", "max_normalized")
+_KINDS = ("input", "output", "max_normalized", "max_normalized_input")
+# The accumulator kinds whose statistic is F·G·Fᵀ with F the layer's weight (see `ActivationStats.factored`).
+_FACTORED = ("input", "max_normalized_input")
 _FAMILIES = ("moments", "max_normalized")
 
 
@@ -42,7 +46,12 @@ def content_hash(tensors: dict, metadata: dict) -> str:
 
 @dataclass
 class Accumulator:
-    """Sums over tokens of one tensor stream: a layer's output, or an input shared by several layers."""
+    """Sums over tokens of one tensor stream: a layer's output, or an input shared by several layers.
+
+    Kind "max_normalized_input" (the authors' statistic, accumulated on a layer's inputs where d_in + 1 < d_out):
+    `gram` is Σ_s (1/m_s²) Σ_t x̃x̃ᵀ over sequences s with x̃ = [x; 1] and m_s = |max of the sequence's valid
+    outputs|, so its last row and column hold Σ_s (1/m_s²) Σ_t x and Σ_s T_s/m_s²; `sum` is that last column.
+    """
 
     kind: AccumulatorKind
     sum: torch.Tensor
@@ -78,9 +87,12 @@ class ActivationStats:
         self.accumulators = accumulators
         self.family: StatsFamily = family
         self.seconds: Optional[float] = None
+        # The calibrated modules, weakly: a max-normalised statistic kept on a layer's inputs needs its weight to
+        # be formed, and `output_statistic(name, "max_normalized")` is asked without one. Not saved.
+        self._modules: dict[str, weakref.ref] = {}
 
     def __repr__(self) -> str:
-        kinds = {k: sum(a.kind == k for a in self.accumulators) for k in ("input", "output", "max_normalized")}
+        kinds = {k: sum(a.kind == k for a in self.accumulators) for k in _KINDS}
         return f"ActivationStats({len(self.layers)} layers, {self.family}, accumulators={kinds})"
 
     @property
@@ -97,6 +109,10 @@ class ActivationStats:
     def source(self, name: str) -> str:
         return self.accumulators[self.layers[name].acc].kind
 
+    def factored(self, name: str) -> bool:
+        """Whether layer `name`'s statistic is kept on its inputs, so `output_factors` (with its weight) gives it."""
+        return self.source(name) in _FACTORED
+
     def output_statistic(
         self, name: str, statistic: str, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -105,7 +121,7 @@ class ActivationStats:
         Input-side statistics need the layer's (d_out, d_in) `weight` and `bias` (see `output_factors`).
         """
         acc = self._accumulator(name, statistic)
-        if acc.kind == "input":
+        if acc.kind in _FACTORED:
             f, g = self.output_factors(name, statistic, weight, bias)
             out = f @ g @ f.T
             return (out + out.T) / 2
@@ -126,9 +142,19 @@ class ActivationStats:
         avoid forming a d_out × d_out matrix of rank ≤ d_in + 1 when d_out is larger.
         """
         acc = self._accumulator(name, statistic)
-        if acc.kind != "input":
+        if acc.kind not in _FACTORED:
             raise ValueError(f"Layer '{name}' has {acc.kind} statistics; only input statistics factor.")
+        if acc.kind == "max_normalized_input":
+            weight, bias = self._weight(name, weight, bias)
         gram, total = acc.gram.to(torch.float64), acc.sum.to(torch.float64)
+        if acc.kind == "max_normalized_input":
+            # Σ_s (1/m_s²) Σ_t y yᵀ / S with y = [W b]·x̃: F = [W b], G = the weighted Gram of x̃ over S sequences.
+            g = gram / acc.sequences
+            w = weight.detach().to(device=gram.device, dtype=torch.float64)
+            if bias is None:
+                return w, g[:-1, :-1]
+            b = bias.detach().to(device=gram.device, dtype=torch.float64)
+            return torch.cat([w, b[:, None]], dim=1), g
         mean, moment = total / acc.tokens, gram / acc.tokens
         w = weight.detach().to(device=gram.device, dtype=torch.float64)
         if statistic == "covariance":
@@ -140,6 +166,20 @@ class ActivationStats:
         g = torch.cat([torch.cat([moment, mean[:, None]], dim=1),
                        torch.cat([mean, mean.new_ones(1)])[None, :]], dim=0)
         return f, g
+
+    def _weight(self, name: str, weight, bias):
+        """The layer's (weight, bias): as given, else those of the module calibrated, if it is unchanged."""
+        if weight is not None:
+            return weight, bias
+        ref = self._modules.get(name)
+        module = ref() if ref is not None else None
+        if module is None or layer_digest(module) != self.layers[name].digest:
+            raise ValueError(
+                f"Layer '{name}': its max-normalised statistic was accumulated on the layer's inputs (cheaper where "
+                "d_in < d_out), so forming it needs the layer's weight: pass weight= (d_out × d_in) and bias=, or "
+                "calibrate with AstraConfig(statistic_source='output')."
+            )
+        return weight_matrix(module), getattr(module, "bias", None)
 
     def _accumulator(self, name: str, statistic: str) -> Accumulator:
         if not self.supports(statistic):
@@ -238,12 +278,18 @@ class ActivationStats:
                 raise ValueError(f"accumulator {i}: shapes {tuple(total.shape)} and {tuple(gram.shape)} disagree")
             if not (torch.isfinite(total).all() and torch.isfinite(gram).all()):
                 raise ValueError(f"accumulator {i} holds NaN or infinite values")
+            if (kind in ("max_normalized", "max_normalized_input")) != (meta["family"] == "max_normalized"):
+                raise ValueError(f"accumulator {i} of kind {kind!r} does not belong to family {meta['family']!r}")
             accs.append(Accumulator(kind, total, gram, tokens, sequences))
         layers = {n: LayerRecord(**r) for n, r in json.loads(meta["layers"]).items()}
         for name, record in layers.items():
             if not (isinstance(record.acc, int) and 0 <= record.acc < len(accs)):
                 raise ValueError(f"layer {name!r} points at accumulator {record.acc!r}, which does not exist")
             dim = accs[record.acc].dim
-            if dim not in (record.d_in, record.d_out):
+            if accs[record.acc].kind == "max_normalized_input":
+                if dim != record.d_in + 1:
+                    raise ValueError(f"layer {name!r} ({record.d_out}×{record.d_in}) does not fit its weighted input "
+                                     f"accumulator of {dim}")
+            elif dim not in (record.d_in, record.d_out):
                 raise ValueError(f"layer {name!r} ({record.d_out}×{record.d_in}) does not fit its accumulator of {dim}")
         return cls(layers, accs, meta["family"])
