@@ -35,7 +35,8 @@ def run_compare(
     output,
     log=print,
 ) -> dict:
-    """Run what is not finished yet and write summary.md/.csv, loss.png and grad_norm.png under `output`.
+    """Run what is not finished yet and write summary.md/.csv, loss.png and grad_norm.png (and forgetting.png, with
+    --forgetting-data) under `output`.
     `base` holds the shared settings (its task/data/method/seed/output are replaced per run). A finished run made
     with other settings (another --lr, other data) is run again; one made with these is skipped. A failing run
     is reported and the others go on; Ctrl-C stops at once and leaves the interrupted run resumable.
@@ -50,7 +51,7 @@ def run_compare(
     if isinstance(methods, str):
         methods = parse_method_list(methods)
     task_args = [(t, None) for t in tasks] if tasks else [(base.task, None) if base.task else (None, base.data)]
-    files = [base.data, base.eval_data, base.calibration_data] + [t for t, _ in task_args if t]
+    files = [base.data, base.eval_data, base.calibration_data, base.forgetting_data] + [t for t, _ in task_args if t]
     folder = CompareDir(check_output(output, model=base.model, files=files))
     labels = [task_label(t, d) for t, d in task_args]
     if len(set(labels)) < len(labels):

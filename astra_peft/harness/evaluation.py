@@ -117,6 +117,39 @@ def evaluate_generation(model, tokenizer, rows, *, batch_size, max_length, desc,
     return _finite(metrics, desc)
 
 
+@torch.no_grad()
+def text_loss(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16, max_length: int = 256,
+              desc: str = "text loss", progress: bool = False) -> dict:
+    """A causal LM's mean NLL per token over plain `texts` (every token after the first of each text, truncated
+    to `max_length`), token-weighted as the task loss is.
+
+    Returns:
+        {"loss": the mean, "texts": how many texts were scored, "tokens": how many tokens}.
+
+    Raises:
+        UserError: No text has two tokens at `max_length` (nothing to score), or the loss is not finite.
+    """
+    features = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) >= 2:  # a lone token predicts nothing
+            features.append({"input_ids": ids, "labels": ids})
+    if not features:
+        raise UserError(f"{desc}: no text has a token left to score at max length {max_length}")
+    collate = Collator(pad_id(tokenizer))
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum, token_sum = 0.0, 0
+        order = sorted(range(len(features)), key=lambda j: len(features[j]["input_ids"]))  # less padding
+        for chunk in _batches(order, batch_size, desc, progress):
+            sums, counts, _ = sequence_nll(model, [features[j] for j in chunk], collate)
+            loss_sum, token_sum = loss_sum + sum(sums), token_sum + sum(counts)
+    finally:
+        model.train(was_training)
+    return _finite({"loss": loss_sum / token_sum, "texts": len(features), "tokens": int(token_sum)}, desc)
+
+
 def _finite(metrics: dict, desc: str) -> dict:
     """Metrics are numbers a user will trust: NaN or infinity (a model whose outputs overflowed) is an error."""
     for key, value in metrics.items():

@@ -83,8 +83,17 @@ def summary_rows(runs: list[dict], split: str, methods: Optional[Sequence[str]] 
         row["run_seconds"] = [sum(r["seconds"].values()) for r in group]
         row["cpu_seconds"] = [r.get("cpu_seconds") for r in group]
         row["trainable_parameters"] = group[0].get("trainable_parameters")
+        for key in FORGETTING_KEYS:  # --forgetting-data (harness/forgetting.py); None where it was off
+            row[key] = [r.get(key) for r in group]
         rows.append(row)
     return tasks, rows
+
+
+FORGETTING_KEYS = ("forget_loss_before", "forget_loss_after", "forgetting")
+
+
+def _with_forgetting(runs: list[dict]) -> bool:
+    return any(r.get("forgetting") is not None for r in runs)
 
 
 def _params(n: Optional[int]) -> str:
@@ -106,6 +115,10 @@ def markdown_table(runs: list[dict], split: str, methods=None, tasks=None, metri
     with_cpu = any(v is not None for row in rows for v in row["cpu_seconds"])
     if with_cpu:
         header += ["Run wall (s)", "Run CPU (s)"]
+    # Only where the runs measured it (--forgetting-data), so tables of runs without it are unchanged.
+    with_forgetting = _with_forgetting(runs)
+    if with_forgetting:
+        header += ["Forget loss before", "Forget loss after", "Forgetting (Δ loss)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["method"], _params(row["trainable_parameters"])]
@@ -114,6 +127,8 @@ def markdown_table(runs: list[dict], split: str, methods=None, tasks=None, metri
                   mean_std_cell(row["prep_seconds"], 1.0, 1), mean_std_cell(row["train_seconds"], 1.0, 1)]
         if with_cpu:
             cells += [mean_std_cell(row["run_seconds"], 1.0, 1), mean_std_cell(row["cpu_seconds"], 1.0, 1)]
+        if with_forgetting:
+            cells += [mean_std_cell(row[k], 1.0, 4, signed=k == "forgetting") for k in FORGETTING_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -138,7 +153,8 @@ def _load_note(runs: list[dict]) -> list[str]:
 
 def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "dev", methods=None, tasks=None,
                   title: str = "Comparison") -> dict:
-    """summary.md, summary.csv, loss.png and grad_norm.png in `out_dir`; returns their paths."""
+    """summary.md, summary.csv, loss.png and grad_norm.png in `out_dir` (and forgetting.png where the runs measured
+    forgetting); returns their paths."""
     out_dir = Path(out_dir)
     runs = collect_runs(out_dir) if runs is None else runs
     if not runs:
@@ -148,12 +164,13 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
     md = [f"# {title}", "",
           f"Accuracy (%) as mean ± std over seeds {', '.join(map(str, seeds))} (sample std; 0 with one seed). "
           f"Average: per seed over tasks, then mean ± std. Train loss: mean of the last 10 logged steps. "
-          f"Times: wall seconds per run.", *_load_note(runs), ""]
+          f"Times: wall seconds per run.", *_load_note(runs), *_forgetting_note(runs), ""]
     for s in splits:
         md += [f"## {s} split", "", markdown_table(runs, s, methods, tasks), ""]
     from .rundir import CompareDir  # the comparison folder's file names live there
 
-    md_path, csv_path, loss_path, grad_norm_path = (out_dir / name for name in CompareDir.REPORT)
+    md_path, csv_path, loss_path, grad_norm_path, forgetting_path = (out_dir / name for name in CompareDir.REPORT)
+    with_forgetting = _with_forgetting(runs)
     write_text_atomic(md_path, "\n".join(md))
 
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
@@ -164,17 +181,32 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
                 writer.writerow(["split", "method", "n_seeds", "trainable_parameters",
                                  *[f"{t}_{x}" for t in task_names for x in ("mean", "std")],
                                  "average_mean", "average_std", "train_loss_mean", "train_loss_std",
-                                 "prep_seconds_mean", "train_seconds_mean", "run_seconds_mean", "cpu_seconds_mean"])
+                                 "prep_seconds_mean", "train_seconds_mean", "run_seconds_mean", "cpu_seconds_mean",
+                                 *[f"{k}_{x}" for k in FORGETTING_KEYS for x in ("mean", "std")
+                                   if with_forgetting]])
             for row in rows:
                 values = [v for t in task_names for v in _mean_std(row[t])]
                 writer.writerow([s, row["method"], len(row["seeds"]), row["trainable_parameters"], *values,
                                  *_mean_std(row["average"]), *_mean_std(row["train_loss"]),
                                  _mean_std(row["prep_seconds"])[0], _mean_std(row["train_seconds"])[0],
-                                 _mean_std(row["run_seconds"])[0], _mean_std(row["cpu_seconds"])[0]])
+                                 _mean_std(row["run_seconds"])[0], _mean_std(row["cpu_seconds"])[0],
+                                 *[v for k in FORGETTING_KEYS if with_forgetting for v in _mean_std(row[k])]])
     paths = {"summary_md": md_path, "summary_csv": csv_path}
     paths["loss_png"] = plot_curves(runs, "loss", loss_path, methods=methods, tasks=tasks)
     paths["grad_norm_png"] = plot_curves(runs, "grad_norm", grad_norm_path, methods=methods, tasks=tasks)
+    if with_forgetting:
+        paths["forgetting_png"] = plot_forgetting(runs, split, forgetting_path, methods=methods, tasks=tasks)
     return paths
+
+
+def _forgetting_note(runs: list[dict]) -> list[str]:
+    if not _with_forgetting(runs):
+        return []
+    sources = sorted({str(r["forgetting_data"]) for r in runs if r.get("forgetting_data")})
+    counts = sorted({(r["forgetting_texts"], r["forgetting_tokens"]) for r in runs if r.get("forgetting_texts")})
+    return [f"Forgetting: mean token loss on held-out general text ({', '.join(sources)}; "
+            + "; ".join(f"{t} texts, {n:,} tokens" for t, n in counts)
+            + ") of the fine-tuned model minus that of the base model; positive: the model got worse at it."]
 
 
 # --------------------------------------------------------------------------------------------------- plots
@@ -274,6 +306,38 @@ def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, m
         title += ("  " if title else "") + "(faint: per step; solid: moving average)"
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_forgetting(runs: list[dict], split: str, path, *, methods=None, tasks=None):
+    """One panel per task: per method, the held-out task loss (`split`) against forgetting, at the mean over seeds
+    with the seeds' standard deviation as error bars both ways. Lower left is better on both counts."""
+    plt = _pyplot()
+    tasks = _ordered([r["task"] for r in runs], tasks)
+    methods = _ordered([r["method"] for r in runs], methods)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(axes[0], tasks):
+        for i, method in enumerate(methods):
+            pairs = [(r["forgetting"], _metric(r, split, "loss")) for r in runs
+                     if r["task"] == task and r["method"] == method and r.get("forgetting") is not None]
+            pairs = [p for p in pairs if p[1] is not None]
+            if not pairs:
+                continue
+            (x, dx), (y, dy) = _mean_std([p[0] for p in pairs]), _mean_std([p[1] for p in pairs])
+            ax.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt="o", capsize=3, color=colors[i % len(colors)],
+                        label=f"{_curve_label(method, runs)} ({len(pairs)} seed{'s' if len(pairs) > 1 else ''})")
+        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(task)
+        ax.set_xlabel("forgetting (Δ loss on held-out general text)")
+        ax.set_ylabel(f"{split} loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(" · ".join(p for p in (curve_title(runs), "mean ± std over seeds") if p), fontsize=10)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

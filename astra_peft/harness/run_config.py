@@ -55,6 +55,13 @@ class FinetuneConfig:
         metadata={"help": "Calibrate on another task, a text corpus (e.g. xsum) or a text/JSONL file."},
     )
     calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per calibration batch."})
+    forgetting_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "Causal LMs: measure forgetting as the mean token loss on held-out general text (xsum, or a "
+                          "text/JSONL file) before and after fine-tuning; off by default."},
+    )
+    forgetting_samples: int = field(default=64, metadata={"help": "Texts scored by --forgetting-data."})
+    forgetting_max_length: int = field(default=256, metadata={"help": "Maximum tokens per --forgetting-data text."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps, for resuming."})
     save_weights: bool = field(default=True, metadata={"help": "Save the trained adapter (or full model)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -82,3 +89,6 @@ class FinetuneConfig:
         from .validation import validate_config
 
         validate_config(self)  # non-finite or nonsensical settings, named by their flag (issue 16)
+        from .forgetting import check_forgetting_settings
+
+        check_forgetting_settings(self)

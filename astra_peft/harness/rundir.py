@@ -311,7 +311,7 @@ class CompareDir(_ReportDir):
 
     KIND = "comparison"
     COMPARE, RUNS = "compare.json", "runs"
-    REPORT = ("summary.md", "summary.csv", "loss.png", "grad_norm.png")
+    REPORT = ("summary.md", "summary.csv", "loss.png", "grad_norm.png", "forgetting.png")
     OWNED = (MARKER, LOCK, COMPARE, RUNS, *REPORT)
     LEGACY_FILE, LEGACY_KEYS = COMPARE, ("base", "methods", "seeds", "tasks")
 

@@ -209,9 +209,40 @@ def _group_keys(rows: list[dict]) -> list[str]:
     return [row["text"] if "text" in row else row["prompt"].strip() or row["completion"] for row in rows]
 
 
-def load_text_corpus(name: str) -> list[str]:
+# One text in FORGETTING_SHARE of every text corpus is held out for the forgetting measure (--forgetting-data):
+# calibration on the same corpus never samples it. Chosen by the text's own hash, not its position, so the split
+# does not depend on the corpus's order or size, and a text that occurs twice lands on one side only.
+FORGETTING_SHARE = 4
+CORPUS_PARTS = ("forgetting", "calibration")
+
+
+def is_forgetting_text(text: str) -> bool:
+    """Whether `text` lies in its corpus's fixed forgetting share (see FORGETTING_SHARE)."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % FORGETTING_SHARE == 0
+
+
+def load_text_corpus(name: str, part: str | None = None) -> list[str]:
     """Calibration texts: "xsum" articles, a built-in task's training texts (prompt + completion for generation),
-    or the training texts of a .jsonl file / the non-empty lines of a .txt file."""
+    or the training texts of a .jsonl file / the non-empty lines of a .txt file.
+
+    Args:
+        name: The corpus: xsum, a built-in task, or a .jsonl/.txt path.
+        part: None: every text (calibration when no forgetting is measured on this corpus). "forgetting": only the
+            held-out share the forgetting measure scores. "calibration": every text but that share, for
+            calibration on the corpus the forgetting measure scores, so the two never share a text.
+
+    Raises:
+        KeyError: An unknown corpus. ValueError: An unknown `part`.
+    """
+    if part not in (None, *CORPUS_PARTS):
+        raise ValueError(f"part must be None or one of {CORPUS_PARTS}, got {part!r}")
+    texts = _corpus_texts(name, "--forgetting-data" if part == "forgetting" else "--calibration-data")
+    if part is None:
+        return texts
+    return [t for t in texts if is_forgetting_text(t) == (part == "forgetting")]
+
+
+def _corpus_texts(name: str, what: str) -> list[str]:
     if name == "xsum":
         examples = json.loads(bigbench_file("xsum").read_text(encoding="utf-8"))["examples"]
         return [ex["input"].strip() for ex in examples]
@@ -220,8 +251,8 @@ def load_text_corpus(name: str) -> list[str]:
         return [r["text"] if task.kind == "classification" else r["prompt"] + r["completion"]
                 for r in task.splits["train"]]
     if name.endswith(".txt") and Path(name).exists():
-        path = check_regular_file(name, "--calibration-data")
-        return [line.strip() for _, line in read_lines(path, "--calibration-data") if line.strip()]
+        path = check_regular_file(name, what)
+        return [line.strip() for _, line in read_lines(path, what) if line.strip()]
     raise KeyError(f"unknown corpus {name!r}; use xsum, a built-in task ({', '.join(BUILTIN_TASKS)}), "
                    f"or a .jsonl/.txt path")
 

@@ -45,12 +45,14 @@ def _sample(rows: Sequence, n: int, seed: int) -> list:
     return random.Random(seed).sample(rows, n)
 
 
-def _calibration_features(tokenizer, source: str, n: int, seed: int, max_length: int) -> list[dict]:
+def _calibration_features(tokenizer, source: str, n: int, seed: int, max_length: int, forgetting=None) -> list[dict]:
     """Calibrate on something other than the task's training rows: another task's training texts, a text
-    corpus (xsum) or a .txt/.jsonl file, as plain text."""
+    corpus (xsum) or a .txt/.jsonl file, as plain text; never on the forgetting measure's texts."""
+    from .forgetting import calibration_part, check_disjoint
     from .tasks import load_text_corpus
 
-    texts = _sample(load_text_corpus(source), n, seed)
+    texts = _sample(load_text_corpus(source, calibration_part(source, forgetting)), n, seed)
+    check_disjoint(texts, forgetting, source)
     return [{"input_ids": tokenizer(t, truncation=True, max_length=max_length)["input_ids"]} for t in texts]
 
 
@@ -100,6 +102,8 @@ def run_settings(cfg: FinetuneConfig, task) -> dict:
     calibration = _effective(cfg, cfg.spec)["calibration_data"]
     if calibration and Path(calibration).expanduser().is_file():  # a text/JSONL file: its content, not its name
         settings["calibration_sha256"] = hashlib.sha256(Path(calibration).expanduser().read_bytes()).hexdigest()
+    if cfg.forgetting_data and Path(cfg.forgetting_data).expanduser().is_file():
+        settings["forgetting_sha256"] = hashlib.sha256(Path(cfg.forgetting_data).expanduser().read_bytes()).hexdigest()
     settings["versions"] = _versions()
     return settings
 
@@ -154,9 +158,12 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
     spec = cfg.spec  # parsed once, when the FinetuneConfig was made
     effective = _effective(cfg, spec)
     run = RunDir(check_output(cfg.output, model=cfg.model,
-                              files=(cfg.data, cfg.eval_data, effective["calibration_data"])))
+                              files=(cfg.data, cfg.eval_data, effective["calibration_data"], cfg.forgetting_data)))
     run.check_writable()  # someone else's folder is refused before anything is loaded or written
     task = _load_task(cfg)
+    from .forgetting import forgetting_set
+
+    forgetting = forgetting_set(cfg, task)  # refused here, before the folder is claimed or a model loaded
     settings = run_settings(cfg, task)
     # One writer per run folder. Under torchrun every process runs this; the main one owns the folder.
     with run.lock() if state.is_main_process else contextlib.nullcontext():
@@ -167,11 +174,14 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: Sequence = (), force: bool =
             if state.is_main_process:
                 run.clear([RunDir.CHECKPOINTS])  # a kill between the summary and this removal left them
             return run.read_summary()
-        return _run(cfg, spec, effective, task, run, state, callbacks)
+        return _run(cfg, spec, effective, task, run, state, callbacks, forgetting)
 
 
-def _run(cfg: FinetuneConfig, spec, effective: dict, task, run: RunDir, state, callbacks) -> dict:
-    """The phases of a run: load, resume point, initialise (or restore), train, evaluate, save."""
+def _run(cfg: FinetuneConfig, spec, effective: dict, task, run: RunDir, state, callbacks, forgetting=None) -> dict:
+    """The phases of a run: load, resume point, forgetting before, initialise (or restore), train, evaluate,
+    forgetting after, save."""
+    from .forgetting import measure, summary_fields
+
     # CPU time and load beside wall time: on a shared machine, wall time alone says more about the load than the run.
     cpu_start, load_start = time.process_time(), load_average()
     if cfg.eval_split not in task.splits or not task.splits[cfg.eval_split]:
@@ -194,13 +204,19 @@ def _run(cfg: FinetuneConfig, spec, effective: dict, task, run: RunDir, state, c
         run.write_config(resolved)
 
     collate = Collator(pad_id(tokenizer))
+    forget_start = time.perf_counter()  # the base model as loaded: before any method rewrites its weights
+    forget_before = measure(model, tokenizer, forgetting, cfg) if forgetting else None
+    forget_seconds = time.perf_counter() - forget_start
     built = _initialise(cfg, spec, effective, model, tokenizer, task, target_modules, train_features, collate, run,
-                        resolved, state)
+                        resolved, state, forgetting)
     trainable, total = count_parameters(built.model)
     trainer, train_seconds = _train(cfg, effective, built.model, tokenizer, task, run, train_features, collate,
                                     checkpoint, prior_train_seconds, callbacks)
     steps = trainer.state.global_step
     final, eval_seconds = _final_evaluation(cfg, trainer, built.model, tokenizer, task)
+    forget_start = time.perf_counter()
+    forget_after = measure(built.model, tokenizer, forgetting, cfg) if forgetting else None
+    forget_seconds += time.perf_counter() - forget_start
 
     if state.is_main_process:
         if cfg.save_weights:
@@ -226,7 +242,9 @@ def _run(cfg: FinetuneConfig, spec, effective: dict, task, run: RunDir, state, c
             "trainable_parameters": trainable,
             "total_parameters": total,
             "seconds": {"calibration": built.calibration_seconds, "initialization": built.init_seconds,
-                        "training": train_seconds, "evaluation": eval_seconds},
+                        "training": train_seconds, "evaluation": eval_seconds,
+                        **({"forgetting": forget_seconds} if forgetting else {})},
+            **summary_fields(forgetting, forget_before, forget_after),
             "cpu_seconds": time.process_time() - cpu_start,  # this process, all threads, this attempt
             "load_average": {"start": load_start, "end": load_average()},
             "init_report": built.report,
@@ -282,15 +300,15 @@ def _resume_point(run: RunDir, state) -> tuple[Optional[Path], float]:
 
 
 def _initialise(cfg, spec, effective, model, tokenizer, task, target_modules, train_features, collate, run,
-                resolved, state):
+                resolved, state, forgetting=None):
     """Build the method on the model (calibrating first if it needs data), or restore its saved initialisation."""
     from transformers import set_seed
 
     calibration_batches = gradient_batches = None
     if _needs_data(spec):
         n, source = effective["calibration_samples"], effective["calibration_data"]
-        calib_features = (_calibration_features(tokenizer, source, n, cfg.seed, cfg.max_length) if source
-                          else _sample(train_features, n, cfg.seed))
+        calib_features = (_calibration_features(tokenizer, source, n, cfg.seed, cfg.max_length, forgetting)
+                          if source else _sample(train_features, n, cfg.seed))
         no_labels = Collator(pad_id(tokenizer), with_labels=False)
         calibration_batches = _batched(calib_features, cfg.calibration_batch_size, no_labels, state.device,
                                        "calibration", cfg.progress)
@@ -341,6 +359,8 @@ _INIT_KEYS = ("model", "task", "data", "eval_data", "seed", "max_length", "dtype
 def _init_fingerprint(resolved: dict) -> str:
     payload = {k: resolved.get(k) for k in _INIT_KEYS}
     payload["effective"] = {k: v for k, v in payload["effective"].items() if k != "lr"}
+    if resolved.get("forgetting_data"):  # calibration on its corpus leaves its share out; unset: as before
+        payload["forgetting_data"] = resolved["forgetting_data"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
