@@ -4,6 +4,7 @@ temporary cache, seconds per test."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -245,6 +246,11 @@ def test_compare_table_csv_and_plot_show_forgetting(tiny, tmp_path):
     assert float(got["forgetting_mean"]) == pytest.approx(sum(pissa) / 2)
     png = Path(paths["forgetting_png"])
     assert png.name == "forgetting.png" and png.read_bytes()[:4] == b"\x89PNG"
+    # the same folder without the measure: the runs are made again, and no stale plot or column stays
+    plain = dataclasses.replace(base, forgetting_data=None)
+    paths = run_compare(plain, "lora", [0], output=tmp_path / "cmp", log=lambda *_: None)
+    assert "forgetting_png" not in paths and not png.exists()
+    assert "Forget" not in Path(paths["summary_md"]).read_text()
 
 
 def test_plot_places_each_method_at_its_seed_mean(tmp_path, monkeypatch):

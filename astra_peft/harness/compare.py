@@ -102,6 +102,9 @@ def run_compare(
     paths = {}
     if runs:
         folder.check_report_files()
+        stale = folder.path / "forgetting.png"  # ours (just checked), from runs that measured it; these did not
+        if stale.is_file() and not any(r.get("forgetting") is not None for r in runs):
+            stale.unlink()
         paths = write_summary(folder.path, runs, split=base.eval_split, methods=[s.name for s in methods],
                               tasks=labels, title=f"{base.model}: " + ", ".join(s.name for s in methods))
         folder.record_report_files()
