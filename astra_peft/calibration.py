@@ -46,9 +46,31 @@ def collect_activation_stats(
 ) -> ActivationStats:
     """Run `dataloader` through the frozen `model` and return every target layer's statistics.
 
-    `model` is the plain base model (then `lora_config.target_modules` picks the layers) or a PeftModel
-    of it (then its LoRA layers for `adapter_name` do; adapters are disabled during the pass so the
-    statistics describe the base model). Padding positions (`attention_mask == 0`) are left out.
+    Hooks collect each layer's sums (input Grams shared by layers that read one input, where cheaper, else
+    output Grams); they are removed in `finally`, whether the pass succeeds or fails.
+
+    Args:
+        model: The plain base model (then `lora_config.target_modules` picks the layers) or a PeftModel of it
+            (then its LoRA layers for `adapter_name` do; adapters are disabled during the pass so the
+            statistics describe the base model); a DeepSpeed engine or DDP wrapper is unwrapped.
+        dataloader: Batches `model(**batch)` accepts (or `forward_fn` takes). Padding positions
+            (`attention_mask == 0`) are left out.
+        lora_config: The LoraConfig whose `target_modules` to calibrate, for a plain model.
+        astra_config: Which statistic family, accumulation dtype and device, token budget; the defaults
+            otherwise.
+        forward_fn: `forward_fn(model, batch)` runs one batch, for models that need another call.
+        adapter_name: On a PeftModel, the adapter whose layers to calibrate.
+
+    Returns:
+        `ActivationStats` for every target layer, summed over ranks when a process group is running; pass it
+        to `initialize_astra_weights(stats=...)` or save it.
+
+    Raises:
+        ValueError: No target layer matched, the dataloader is empty, or a batch is not (batch, seq_len).
+        TypeError: A target layer Astra does not support, a batch value that is not a tensor, or an FSDP1 model.
+        RuntimeError: Activations that do not line up with the attention mask, or layers that shared an input
+            while probing but not later (use `statistic_source='output'`).
+        FloatingPointError: Non-finite activations (the first target layer where they appear is named).
     """
     astra_config = astra_config or AstraConfig()
     model = unwrap(model)  # a DeepSpeed engine or DDP: the model inside

@@ -32,7 +32,16 @@ class LayerReport:
 
 @dataclass
 class AstraReport:
-    """What `initialize_astra_weights` did, layer by layer, and how long each phase took."""
+    """What `initialize_astra_weights` did, layer by layer, and how long each phase took.
+
+    Attributes:
+        config: The `AstraConfig` used.
+        layers: One `LayerReport` per initialised layer: dimensions, rank, calibration tokens, where the
+            statistic came from, and the `Selection` (indices, eigenvalues, degenerate directions, effective rank).
+        calibration_seconds: Wall time of the calibration pass (0 when precomputed `stats` were passed).
+        decomposition_seconds: Wall time of forming the statistics and selecting the eigenvectors.
+        write_seconds: Wall time of writing A, B and the residual weights.
+    """
 
     config: AstraConfig
     layers: list[LayerReport] = field(default_factory=list)
@@ -66,10 +75,35 @@ def initialize_astra_weights(
 ) -> AstraReport:
     """Initialise adapter `adapter_name` of `peft_model` with Astra (paper Algorithm 1).
 
-    The model's outputs are unchanged: the frozen weight becomes W − s·B·A. Either calibrate on
-    `dataloader` (an iterable of dicts `model(**batch)` accepts, or what `forward_fn(model, batch)`
-    takes) or pass `stats` from `collect_activation_stats`. Every check runs and every eigenvector is
-    computed before the first weight is written, so a failure leaves the model exactly as it was.
+    For each LoRA layer: B = Q, the r eigenvectors of its output statistic that `astra_config` selects, and
+    A = QᵀW; the frozen weight becomes W − s·B·A, so the model's outputs do not change. Every check runs and
+    every eigenvector is computed before the first weight is written, so a failure leaves the model exactly as
+    it was.
+
+    Args:
+        peft_model: A PeftModel (or a DeepSpeed engine / DDP wrapper around one) whose LoRA layers sit on
+            `nn.Linear` or transformers `Conv1D` bases.
+        dataloader: Calibration batches: dicts `model(**batch)` accepts (or whatever `forward_fn` takes);
+            positions with `attention_mask == 0` are left out. Not needed when `stats` is given.
+        astra_config: The choices the paper leaves open; `AstraConfig()` (the paper's tail) by default.
+        stats: Statistics from `collect_activation_stats` (for this model and these target layers), instead of
+            calibrating here: one calibration serves many ranks and selections.
+        forward_fn: `forward_fn(model, batch)` runs one batch, for models that need another call.
+        adapter_name: The adapter to initialise.
+
+    Returns:
+        An `AstraReport`: what was selected in each layer and how long each phase took.
+
+    Raises:
+        ValueError: No LoRA layer of `adapter_name`; neither `dataloader` nor `stats`; `stats` from another model,
+            other target layers or another statistic; a layer with too few calibration tokens for its statistic,
+            a rank above its output dimension, a DoRA or `lora_bias` adapter; a selection the `null_space` policy
+            refuses.
+        TypeError: A base layer Astra cannot rewrite exactly (quantized, another type, a non-float weight), or a
+            model wrapped by FSDP1.
+        RuntimeError: The layer was already initialised by Astra (its weight is a residual), or a sharded weight
+            cannot be written where training reads it.
+        FloatingPointError: Non-finite activations during calibration (the first layer is named).
     """
     config = astra_config or AstraConfig()
     peft_model = unwrap(peft_model)  # a DeepSpeed engine or DDP: the PeftModel inside

@@ -80,7 +80,20 @@ class LayerRecord:
 
 
 class ActivationStats:
-    """Per-layer calibration statistics (see `collect_activation_stats`)."""
+    """Per-layer calibration statistics, made by `collect_activation_stats`.
+
+    Kept as sums (Σv, Σvvᵀ, token and sequence counts), so they can be saved, reloaded and summed over ranks, and
+    one calibration serves many ranks, selections and runs.
+
+    Args:
+        layers: {layer name: `LayerRecord`}: which accumulator holds the layer's statistic, its dimensions and
+            the fingerprint of the weights it was collected on.
+        accumulators: The sums, one per input shared by several layers or per layer output.
+        family: What the sums can give: "moments" (covariance and second_moment) or "max_normalized".
+
+    Attributes:
+        seconds: Wall time of the calibration that made them (None once reloaded).
+    """
 
     def __init__(self, layers: dict[str, LayerRecord], accumulators: list[Accumulator], family: str):
         self.layers = layers
@@ -118,7 +131,18 @@ class ActivationStats:
     ) -> torch.Tensor:
         """The d_out × d_out matrix `statistic` of layer `name`'s outputs, in float64.
 
-        Input-side statistics need the layer's (d_out, d_in) `weight` and `bias` (see `output_factors`).
+        Args:
+            name: The layer's name in the base model.
+            statistic: "covariance", "second_moment" or "max_normalized" (as the statistics' family allows).
+            weight: The layer's (d_out, d_in) weight; needed when the layer's statistics were taken on its input
+                (see `output_factors`), ignored otherwise.
+            bias: The layer's bias, if any (same condition).
+
+        Returns:
+            The symmetric float64 matrix.
+
+        Raises:
+            ValueError: The family cannot give `statistic`, or the layer received no calibration tokens.
         """
         acc = self._accumulator(name, statistic)
         if acc.kind in _FACTORED:
@@ -192,7 +216,12 @@ class ActivationStats:
     # ---- persistence -------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file atomically (a temp file in the same folder, then a rename)."""
+        """Write a safetensors file atomically (a temp file in the same folder, then a rename).
+
+        Args:
+            path: The file to write; its folder is created if missing. `load` reads it back, checking a content
+                hash over every tensor and metadata field.
+        """
         tensors = {}
         for i, acc in enumerate(self.accumulators):
             tensors[f"acc{i}.sum"] = acc.sum.detach().cpu().contiguous()

@@ -45,6 +45,11 @@ class AstraTrainerCallback(TrainerCallback):
       marked `init_lora_weights: "astra"` so PEFT refuses to load it onto the original base.
     * `on_train_begin`: a `train()` that resumed a checkpoint must run on that checkpoint's residual base;
       otherwise it raises before the first step.
+
+    Args:
+        output_dir: The Trainer's `output_dir`; the initial adapter is kept in its `astra_init` folder.
+        manifest: What the initialisation recorded (method, config, report), written as `astra/astra.json`.
+        restored_step: The checkpoint step the initialisation was restored from, or None for a fresh one.
     """
 
     def __init__(self, output_dir, manifest: dict, restored_step: Optional[int] = None):
