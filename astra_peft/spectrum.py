@@ -27,7 +27,15 @@ class Selection:
 
 
 def effective_rank(eigenvalues: torch.Tensor | np.ndarray) -> float:
-    """Roy & Vetterli's effective rank, paper Eq. 9: exp of the entropy of the normalised spectrum."""
+    """Roy & Vetterli's effective rank, paper Eq. 9: exp of the entropy of the normalised spectrum.
+
+    Args:
+        eigenvalues: The spectrum (any order); negative values (rounding) count as zero.
+
+    Returns:
+        exp(−Σ pᵢ log pᵢ) with pᵢ = λᵢ / Σλ, between 1 and the number of non-zero eigenvalues; 0.0 for an
+        all-zero spectrum.
+    """
     lam = torch.as_tensor(eigenvalues, dtype=torch.float64).clamp_min(0)
     total = lam.sum()
     if total <= 0:
