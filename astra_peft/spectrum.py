@@ -156,24 +156,41 @@ class _Dense:
         self._tri = None if self.matrix.is_cuda else _Tridiagonal(self.matrix)
         self.values = eigenvalues(self.matrix) if self._tri is None else self._tri.values
         self._full: torch.Tensor | None = None
+        self._span: tuple[int, torch.Tensor] | None = None  # (first index, eigenvectors from there on) held
 
     def vectors(self, idx: np.ndarray) -> torch.Tensor:
         if self._full is not None:
             return self._full[:, torch.from_numpy(idx)]
+        if self._span is not None and idx[0] >= self._span[0]:  # the complement of a cluster, already computed
+            return self._span[1][:, torch.from_numpy(idx - self._span[0])]
         # One solver call for the contiguous span; a random pick spans (almost) everything anyway.
         lo, hi = int(idx[0]), int(idx[-1])
         span = eigenvectors(self.matrix, lo, hi) if self._tri is None else self._tri.vectors(lo, hi)
         return span[:, torch.from_numpy(idx - idx[0])]
 
-    def projector(self, k: int):
-        # The projector onto a k-dimensional cluster needs min(k, d-k) vectors, typically hundreds:
-        # one divide-and-conquer decomposition is cheaper than asking MRRR for them.
-        self._full = full_eigenvectors(self.matrix)
-        d = self._full.shape[0]
+    def cluster(self, k: int) -> tuple[torch.Tensor, bool]:
+        """An orthonormal basis of the k smallest eigenvalues' eigenspace (False), or of its complement (True),
+        whichever has fewer vectors."""
+        d = self.values.shape[0]
+        if k >= d:  # the whole space: its complement is empty
+            return self.matrix.new_zeros(d, 0), True
+        if self._tri is None:  # GPU: a full eigh is fast there
+            self._full = full_eigenvectors(self.matrix)
+            return (self._full[:, :k], False) if k <= d - k else (self._full[:, k:], True)
+        # On CPU the reduction dsytrd already made serves these min(k, d − k) vectors too (MRRR on T, then Q):
+        # a divide-and-conquer decomposition would reduce the matrix a second time, most of its cost.
         if k <= d - k:
-            n_basis = self._full[:, :k]
-            return lambda cols: n_basis @ n_basis[cols].T
-        return _complement_projector(self._full[:, k:])
+            return self._tri.vectors(0, k - 1), False
+        rest = self._tri.vectors(k, d - 1)
+        self._span = (k, rest)  # the regular directions a selection takes are among these
+        return rest, True
+
+    def projector(self, k: int):
+        """(columns, None): `columns(cols)` gives P[:, cols], P the projector onto the k-dimensional cluster."""
+        basis, complement = self.cluster(k)
+        if complement:
+            return _complement_projector(basis), None
+        return (lambda cols: basis @ basis[cols].T), None
 
 
 class _Factored:
@@ -211,19 +228,28 @@ class _Factored:
     def projector(self, k: int):
         # The k degenerate directions are the structural zeros plus the small spectrum's first m eigenvalues; the
         # rest span range(F) = range(Q) when m = 0, which needs no eigenvector at all (the usual case: gate/up).
+        # In the coordinates of the full reflector product H (z = Hᵀe) the projector is diag(P_m, I), with P_m the
+        # small matrix's projector onto its m smallest eigenvalues' eigenspace (0 in the usual case m = 0, where only
+        # the structural zeros are degenerate): only min(m, p − m) small eigenvectors are computed, Q never formed.
         m = k - self.structural
-        if m == 0:
-            p = self.reflectors.shape[1]
+        p = self.reflectors.shape[1]
+        basis, complement = self.small.cluster(m) if m > 0 else (None, False)
 
-            def columns(cols):  # (I − QQᵀ)·E = H·diag(0_p, I)·Hᵀ·E with H the full reflector product
-                e = self.reflectors.new_zeros(self.reflectors.shape[0], len(cols))
-                e[torch.as_tensor(cols, device=e.device), torch.arange(len(cols), device=e.device)] = 1
-                z = self._q(e, transpose=True)
+        def columns(cols):  # Hᵀ·P·E = diag(P_m, I)·Hᵀ·E: P's columns in H's coordinates, which keep inner products
+            e = self.reflectors.new_zeros(self.reflectors.shape[0], len(cols))
+            e[torch.as_tensor(cols, device=e.device), torch.arange(len(cols), device=e.device)] = 1
+            z = self._q(e, transpose=True)
+            if basis is None:
                 z[:p] = 0
-                return torch.ormqr(self.reflectors, self.tau, z, left=True, transpose=False)
+            elif complement:
+                z[:p] -= basis @ (basis.T @ z[:p])
+            else:
+                z[:p] = basis @ (basis.T @ z[:p])
+            return z
 
-            return columns
-        return _complement_projector(self._q(full_eigenvectors(self.small.matrix)[:, m:]))
+        # Gram–Schmidt runs on those coordinates, and only the m vectors it keeps are mapped back by H (one ormqr
+        # of m columns instead of one per examined column).
+        return columns, lambda z: torch.ormqr(self.reflectors, self.tau, z, left=True, transpose=False)
 
 
 def _symmetrised(m: torch.Tensor) -> torch.Tensor:
@@ -279,7 +305,9 @@ def select_eigenvectors(
     regular = idx[idx >= k]
     parts = []
     if len(degenerate):
-        parts.append(_null_space_basis(spectrum.projector(k), d, k, len(degenerate)))
+        columns, lift = spectrum.projector(k)
+        basis = _null_space_basis(columns, d, k, len(degenerate))
+        parts.append(basis if lift is None else lift(basis))
     if len(regular):
         parts.append(spectrum.vectors(regular))
     q = _canonical_signs(torch.cat(parts, dim=1))
@@ -299,12 +327,18 @@ def _null_space_basis(project, d: int, k: int, m: int) -> torch.Tensor:
 
     A solver's basis of a degenerate eigenspace is arbitrary and differs across LAPACK builds; the
     projector P onto the space is not. Gram–Schmidt on P's columns e_0, e_1, … in order (`project(cols)`
-    gives P[:, cols]), skipping columns that add little, gives a basis that depends only on P.
+    gives P[:, cols]), skipping columns that add little, gives a basis that depends only on P. `project` may
+    give them in other orthonormal coordinates (Hᵀ·P[:, cols], see `_Factored.projector`): inner products and
+    norms are the same there, so the same columns are kept, and the caller maps the m vectors back.
     """
     basis = None  # d × n, the directions chosen so far
     start = 0
     while (0 if basis is None else basis.shape[1]) < m and start < d:
-        cols = list(range(start, min(d, start + 8 * m)))
+        # Columns are examined in order and the first m that add enough are kept, so how many are projected at
+        # a time changes only the cost: about (m − found)·d/k are needed (P e_j has squared norm k/d on
+        # average), so ask for a quarter more than that, at least 8, and not the 8·m a fixed block would.
+        missing = m - (0 if basis is None else basis.shape[1])
+        cols = list(range(start, min(d, start + max(8, -(-5 * missing * d // (4 * k))))))
         block = project(cols)
         for j in range(block.shape[1]):
             v = block[:, j]

@@ -140,3 +140,41 @@ def test_factored_statistic_selects_like_the_dense_matrix(selection, null_space,
     assert torch.allclose(fact_q @ fact_q.T, dense_q @ dense_q.T, atol=1e-8)
     if null_space == "keep" and selection == "smallest":  # the deterministic null basis itself agrees
         assert torch.allclose(fact_q, dense_q, atol=1e-8)
+
+
+@pytest.mark.parametrize("rank", [7, 3])  # 5 degenerate of 12 (their basis is computed), 9 (the complement's is)
+def test_null_space_basis_is_independent_of_the_tridiagonal_solver(monkeypatch, rank):
+    """The CPU projector takes min(k, d − k) eigenvectors from the one dsytrd reduction: rotate them, B stays."""
+    m = _psd(12, rank)
+    config = AstraConfig(eigen_selection="smallest")
+    q1, info = spectrum.select_eigenvectors(m, 3, config, "x")
+    assert info.n_degenerate == 12 - rank and info.n_selected_degenerate == 3
+    real = spectrum._Tridiagonal.vectors
+
+    def rotated(self, lo, hi):
+        v = real(self, lo, hi).clone()
+        n = v.shape[1]
+        rot = torch.from_numpy(scipy.linalg.qr(np.random.default_rng(n).normal(size=(n, n)))[0])
+        return v @ rot
+
+    monkeypatch.setattr(spectrum._Tridiagonal, "vectors", rotated)
+    q2, _ = spectrum.select_eigenvectors(m, 3, config, "x")
+    assert torch.allclose(q1, q2, atol=1e-10)
+    null = torch.from_numpy(scipy.linalg.null_space(m.numpy(), rcond=1e-10))
+    expected, _ = torch.linalg.qr((null @ null.T)[:, :3])  # Gram–Schmidt of the projector's first columns
+    assert torch.allclose((expected.T @ q1).abs(), torch.eye(3, dtype=torch.float64), atol=1e-8)
+
+
+@pytest.mark.parametrize("inner_rank", [12, 9, 4])  # small-spectrum cluster m = 0, 3 (its basis), 8 (complement's)
+def test_factored_null_space_basis_equals_the_dense_one(inner_rank):
+    """The factored projector works in the Householder coordinates and maps back only the m chosen vectors: the
+    same B as the dense matrix's, column for column."""
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(12, inner_rank, generator=g, dtype=torch.float64)
+    cov = x @ x.T
+    config = AstraConfig(eigen_selection="smallest")
+    dense_q, dense = spectrum.select_eigenvectors(f @ cov @ f.T, 20, config, "x")
+    fact_q, fact = spectrum.select_eigenvectors((f, cov), 20, config, "x")
+    assert fact.n_selected_degenerate == dense.n_selected_degenerate == 20
+    assert torch.allclose(fact_q, dense_q, atol=1e-10)
