@@ -23,7 +23,7 @@ def cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     path = Path(env).expanduser() if env else Path.home() / ".cache" / "astra-peft"
     if path.exists() and not path.is_dir():
-        from .validation import UserError
+        from .user_input import UserError
 
         raise UserError(f"{CACHE_ENV + '=' if env else 'the cache folder '}{path} is a file; it must be a folder")
     return path

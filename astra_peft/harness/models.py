@@ -161,7 +161,7 @@ def resolve_model(name_or_path: str) -> str:
     if spec is None:
         # No model hub: a name that is neither built in nor a model directory is refused at once (a typo must not
         # wait through ~40 s of hub retries).
-        from .validation import check_model_directory
+        from .user_input import check_model_directory
 
         return str(check_model_directory(name_or_path, BUILTIN_MODELS))
     dest = cache_dir() / "models" / spec.name
@@ -226,7 +226,7 @@ def load_model(name_or_path: str, *, task_kind: str, num_labels: int | None = No
                 path, num_labels=num_labels, local_files_only=True, **_dtype_kwargs(dtype))
     if model.config.pad_token_id is None:  # decoder classifiers find the last real token through it
         model.config.pad_token_id = tokenizer.pad_token_id
-    from .validation import check_model
+    from .user_input import check_model
 
     check_model(model, name_or_path, task_kind)  # NaN weights; an encoder given generation data (issue 16)
     return model, tokenizer

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..config import check_choices
 from .kinds import TaskKind
 from .sources import BIGBENCH, PANG_LEE_CSV, PATTERN_DEB, bigbench_file, pang_lee_file
-from .validation import MAX_LABELS, UserError, check_regular_file, read_lines
+from .user_input import MAX_LABELS, UserError, check_regular_file, read_lines
 
 # Splits never depend on a run's seed: every run and every method sees the same rows.
 SPLIT_SEED = 1234
