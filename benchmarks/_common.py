@@ -331,7 +331,8 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    from astra_peft._io import atomic_path  # the project's one atomic-write helper
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return path

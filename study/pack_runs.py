@@ -30,7 +30,6 @@ import csv
 import gzip
 import io
 import json
-import os
 import sys
 from pathlib import Path, PurePosixPath
 
@@ -175,9 +174,10 @@ def _pack_bytes(units: dict[str, dict[str, bytes]]) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from astra_peft._io import atomic_path  # the project's one atomic-write helper
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def pack(folder: str, replace: bool = False) -> int:
