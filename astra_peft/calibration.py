@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._batch_checks import _padding_mask
 from .config import AstraConfig
 from .layers import check_supported, layer_digest, out_in_dims, target_base_layers
 from .sharding import Lockstep, check_not_fsdp1, gather_during_forward, is_dtensor, reshard, unwrap
@@ -439,62 +440,6 @@ def _check_features(name: str, side: str, t: torch.Tensor, dim: int) -> None:
             f"({type(t).__name__}), where the layer has {dim}: they are sharded (tensor parallelism?), "
             "which Astra's calibration does not support. Calibrate an unsharded copy (or the FSDP2/ZeRO-3 model "
             "without tensor parallelism) and pass the statistics with `stats=`."
-        )
-
-
-def _padding_mask(batch) -> Optional[torch.Tensor]:
-    """The batch's non-padding positions, or None when every position counts (then rows are a view of the
-    activations, not a gather copy of them).
-
-    Any Mapping counts, not only dict: transformers' collators return `BatchEncoding`, a UserDict, and
-    reading only dicts would count their padding. Raises if `input_ids`/`attention_mask` is not a
-    (batch, seq_len) tensor, since any other shape would make the mask silently ignored or misaligned.
-    """
-    if not isinstance(batch, Mapping):
-        return None
-    for key in ("input_ids", "attention_mask"):
-        _check_batch_tensor(batch, key)
-    mask = batch.get("attention_mask")
-    if mask is None and _is_packed(batch):
-        # Several sequences in one row, told apart only by position_ids: eager/SDPA attention lets each attend
-        # to the ones before it, and padding to a multiple (position 0) looks like one-token sequences, so the
-        # statistics would describe text that does not exist.
-        raise ValueError(
-            "A calibration batch is packed (padding-free: several sequences per row, position_ids restarting, no "
-            "attention_mask), as TRL's `padding_free=True`/`packing=True` or `DataCollatorWithFlattening` make "
-            "it. Calibrate on padded batches instead: `astra_peft.calibration_batches(rows, tokenizer)`, or "
-            "TRL's `DataCollatorForLanguageModeling(pad_token_id=..., padding_free=False)`."
-        )
-    if mask is None or bool(mask.all()):
-        return None
-    return mask.bool()
-
-
-def _is_packed(batch: Mapping) -> bool:
-    if any(key in batch for key in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
-        return True
-    pos = batch.get("position_ids")
-    if not torch.is_tensor(pos) or pos.dim() != 2 or pos.shape[1] < 2:
-        return False
-    return bool((pos[:, 1:] != pos[:, :-1] + 1).any())
-
-
-def _check_batch_tensor(batch: Mapping, key: str) -> None:
-    value = batch.get(key)
-    if value is None:
-        return
-    hint = (
-        "collate rows into padded batches first, e.g. with `astra_peft.calibration_batches(data, tokenizer)` or "
-        "`DataLoader(rows, batch_size=..., collate_fn=DataCollatorWithPadding(tokenizer))`"
-    )
-    if not torch.is_tensor(value):
-        raise TypeError(
-            f"Calibration batch '{key}' is a {type(value).__name__}, not a tensor of shape (batch, seq_len); {hint}."
-        )
-    if value.dim() != 2:
-        single = " (one un-batched row? add a batch dimension with `.unsqueeze(0)`, or" if value.dim() == 1 else " ("
-        raise ValueError(
-            f"Calibration batch '{key}' has shape {tuple(value.shape)}; expected (batch, seq_len){single} {hint})."
         )
 
 

@@ -276,6 +276,10 @@ def main() -> None:
     report(results, configs, info, args, out, time.time() - t0)
 
 
+# Time targets, × the floor (issue 18): the default ≤ 1.25, the authors' max_normalized ≤ 1.5; others 1.5.
+TIME_TARGETS = {"astra-covariance": 1.25, "astra-max_normalized": 1.5}
+
+
 def report(results, configs, info, args, out, wall) -> None:
     MiB = 2**20
     secs = lambda r: r["seconds"]  # noqa: E731
@@ -327,17 +331,18 @@ def report(results, configs, info, args, out, wall) -> None:
         if cfg.startswith("astra-"):
             rt, rm = summary[cfg]["time_ratio_vs_floor"], summary[cfg]["memory_ratio_vs_corda"]
             rc = summary[cfg]["cpu_ratio_vs_floor"]
-            targets[cfg] = {"time_vs_floor_median": rt.get("median"), "time_target": 1.5,
-                            "time_met": rt.get("median") is not None and rt["median"] <= 1.5,
+            goal = TIME_TARGETS.get(cfg, 1.5)
+            targets[cfg] = {"time_vs_floor_median": rt.get("median"), "time_target": goal,
+                            "time_met": rt.get("median") is not None and rt["median"] <= goal,
                             "cpu_time_vs_floor_median": rc.get("median"),
-                            "cpu_time_met": rc.get("median") is not None and rc["median"] <= 1.5,
+                            "cpu_time_met": rc.get("median") is not None and rc["median"] <= goal,
                             "memory_vs_corda_median": rm.get("median"), "memory_target": 0.25,
                             # None, not False, when CorDA was not in this run: nothing to compare with
                             "memory_met": None if rm.get("median") is None else rm["median"] <= 0.25}
             memory = ("memory: CorDA not in this run" if rm.get("median") is None else
                       f"memory {rm['median']:.3f}x CorDA's (<= 0.25: {'met' if targets[cfg]['memory_met'] else 'MISSED'})")
             print(f"target {cfg}: wall time {rt.get('median', float('nan')):.2f}x floor, CPU time "
-                  f"{rc.get('median', float('nan')):.2f}x (<= 1.5: wall {'met' if targets[cfg]['time_met'] else 'MISSED'}"
+                  f"{rc.get('median', float('nan')):.2f}x (<= {goal}: wall {'met' if targets[cfg]['time_met'] else 'MISSED'}"
                   f", CPU {'met' if targets[cfg]['cpu_time_met'] else 'MISSED'}); {memory}")
     sources = C.check_sources(results)
     payload = {"benchmark": "init", "machine": info, "sources": sources, "loadavg_at_end": os.getloadavg(), "wall_seconds": wall,
