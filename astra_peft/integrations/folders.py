@@ -22,9 +22,9 @@ checkpoint stays usable after the run folder around it is gone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -33,6 +33,7 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .._io import atomic_dir, atomic_path, write_json_atomic
 from ..conversion import adapter_files, convert_saved_adapter, copy_adapter
 from ..layers import layer_digest, lora_layers
 from ..rewrite import subtract_adapter
@@ -86,9 +87,7 @@ def read_manifest(folder) -> Optional[dict]:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)  # the project's one atomic-write helper (astra_peft/_io.py)
 
 
 def check_ours(folder: Path) -> None:
@@ -100,23 +99,13 @@ def check_ours(folder: Path) -> None:
         )
 
 
-def replace_dir(stage: Path, dest: Path) -> None:
-    """Put the complete folder `stage` at `dest`, replacing an earlier one of ours."""
+@contextlib.contextmanager
+def our_dir(dest: Path):
+    """Yield a temporary folder that becomes `dest` when the block finishes, replacing an earlier one of ours
+    (`dest` that is not ours is refused first); on failure `dest` is left as it was."""
     check_ours(dest)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
-        os.replace(dest, old)
-        os.replace(stage, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(stage, dest)
-
-
-def stage_dir(parent: Path, name: str) -> Path:
-    stage = parent / f".{name}.{os.getpid()}.tmp"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    return stage
+    with atomic_dir(dest) as stage:
+        yield stage
 
 
 def mark_residual(folder: Path) -> None:
@@ -147,8 +136,7 @@ def write_extras(folder, initial_dir, manifest: dict, *, saved_model: bool) -> P
     extras = folder / EXTRA_DIR
     check_ours(extras)
     mark_residual(folder)
-    stage = stage_dir(folder, EXTRA_DIR)
-    try:
+    with our_dir(extras) as stage:
         convert_saved_adapter(folder, initial_dir, stage / "lora")
         copy_adapter(initial_dir, stage / "initial")
         if saved_model:
@@ -165,14 +153,10 @@ def write_extras(folder, initial_dir, manifest: dict, *, saved_model: bool) -> P
                 "resume_from_checkpoint=<checkpoint>) or restore_astra_initialization(model, <astra/initial>)."
             ),
         })
-        replace_dir(stage, extras)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     if saved_model:  # weights first: a kill in between leaves rank-2r weights under a marked config (refused)
         for file in reversed(adapter_files(extras / "lora")):
-            tmp = folder / f".{file.name}.{os.getpid()}.tmp"
-            shutil.copyfile(file, tmp)
-            os.replace(tmp, folder / file.name)
+            with atomic_path(folder / file.name) as tmp:
+                shutil.copyfile(file, tmp)
     return extras
 
 

@@ -17,7 +17,6 @@ import contextlib
 import functools
 import inspect
 import itertools
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -31,7 +30,7 @@ from ..initialization import AstraReport, initialize_astra_weights
 from ..layers import lora_layers
 from .folders import (
     ASTRA_MARKER, EXTRA_DIR, FORMAT, INIT_DIR, MANIFEST, base_fingerprint, check_ours, init_sha256, lora_settings,
-    read_manifest, replace_dir, restore_astra_initialization, stage_dir, tensors_sha256, write_extras, write_json,
+    read_manifest, our_dir, restore_astra_initialization, tensors_sha256, write_extras, write_json,
 )
 
 _LABEL_KEYS = ("labels", "label", "label_ids")
@@ -231,16 +230,12 @@ def _save_initial(model, adapter_name, output_dir: Path, manifest: dict, source:
     existing = read_manifest(dest) if dest.exists() else None
     if existing is not None and existing.get("init_sha256") == manifest["init_sha256"]:
         return
-    stage = stage_dir(output_dir, INIT_DIR)
-    try:
+    with our_dir(dest) as stage:
         if source is not None:
             copy_adapter(source, stage)
         else:
             model.save_pretrained(str(stage), selected_adapters=[adapter_name])
         write_json(stage / MANIFEST, {**manifest, "format": FORMAT, "kind": "initial"})
-        replace_dir(stage, dest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _wrap_save_model(trainer, callback: AstraTrainerCallback) -> None:
