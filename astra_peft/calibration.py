@@ -94,7 +94,7 @@ def collect_activation_stats(
             raise ValueError("The calibration dataloader is empty.")
         _padding_mask(first)  # a malformed batch fails here, not inside the model during probing
         forward_fn = forward_fn or default_forward
-        groups = _shared_input_groups(model, layers, first, forward_fn) if family == "moments" else None
+        groups = _shared_input_groups(model, layers, first, forward_fn)
         collector = _Collector(layers, _plan(layers, groups, astra_config, family), astra_config)
         collector.run(model, _chain(first, batches), forward_fn)
     accumulators = collector.accumulators
@@ -181,7 +181,15 @@ def _shared_input_groups(model, layers: dict[str, nn.Module], batch, forward_fn)
 
         return hook
 
+    def check_output(name):  # a sliced output (tensor parallelism) is named here, not by a shape error downstream
+        def hook(module, args, output):
+            _check_features(name, "output", output[0] if isinstance(output, tuple) else output,
+                            out_in_dims(layers[name])[0])
+
+        return hook
+
     handles = [layer.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, layer in layers.items()]
+    handles += [layer.register_forward_hook(check_output(n)) for n, layer in layers.items()]
     try:
         try:
             forward_fn(model, _slice_batch(batch))
@@ -220,14 +228,17 @@ def _plan(layers, groups, config: AstraConfig, family: str) -> list[tuple[str, l
     """(kind, layer names) per accumulator: one input Gram per group, or one output Gram per layer."""
     plan = []
     if family == "max_normalized":
-        # Each layer has its own per-sequence scales m_s, so no input is shared: per layer, the cheaper of the
-        # output Gram (d_out²) and the weighted Gram of x̃ = [x; 1] ((d_in + 1)², see Accumulator).
-        def kind(layer):
-            d_out, d_in = out_in_dims(layer)
-            cheaper = config.statistic_source == "auto" and d_in + 1 < d_out
-            return "max_normalized_input" if cheaper else "max_normalized"
-
-        return [(kind(layer), [name]) for name, layer in layers.items()]
+        # Each layer has its own per-sequence scales m_s, so each keeps its own weighted Gram of x̃ = [x; 1]; but
+        # layers reading one input share its per-sequence Grams (one Gram's work per batch, see
+        # _Collector._weighted_input_hook). Per group, the cheaper of that ((d_in + 1)²) and the output Grams.
+        for group in groups:
+            d_in = out_in_dims(layers[group[0]])[1]
+            output_cost = sum(out_in_dims(layers[n])[0] ** 2 for n in group)
+            if config.statistic_source == "auto" and (d_in + 1) ** 2 < output_cost:
+                plan.append(("max_normalized_input", group))
+            else:
+                plan.extend(("max_normalized", [n]) for n in group)
+        return plan
     for group in groups:
         d_in = out_in_dims(layers[group[0]])[1]
         output_cost = sum(out_in_dims(layers[n])[0] ** 2 for n in group)
@@ -266,23 +277,26 @@ class _Collector:
         self.mask: Optional[torch.Tensor] = None
         self.batch_index = 0
         for kind, names in plan:
-            for n in names:
-                self.layer_acc[n] = len(self.accumulators)
-            d_out, d_in = out_in_dims(layers[names[0]])
-            dim = {"input": d_in, "max_normalized_input": d_in + 1}.get(kind, d_out)
-            device = "cpu" if config.stats_device == "cpu" else next(layers[names[0]].parameters()).device
-            self.accumulators.append(Accumulator.zeros(kind, dim, self.dtype, device))
+            # one accumulator per entry, but one per layer for max_normalized_input (each layer has its own m_s)
+            for members in ([[n] for n in names] if kind == "max_normalized_input" else [names]):
+                for n in members:
+                    self.layer_acc[n] = len(self.accumulators)
+                d_out, d_in = out_in_dims(layers[members[0]])
+                dim = {"input": d_in, "max_normalized_input": d_in + 1}.get(kind, d_out)
+                device = "cpu" if config.stats_device == "cpu" else next(layers[members[0]].parameters()).device
+                self.accumulators.append(Accumulator.zeros(kind, dim, self.dtype, device))
         self._pending: dict[int, tuple] = {}
 
     def run(self, model, batches, forward_fn):
         handles = []
-        for acc_id, (kind, names) in enumerate(self.plan):
+        for entry, (kind, names) in enumerate(self.plan):
             for n in names:
+                acc_id = self.layer_acc[n]
                 if kind == "input":
                     hook = self._input_hook(n, acc_id, len(names))
                     handles.append(self.layers[n].register_forward_pre_hook(hook, with_kwargs=True))
                 elif kind == "max_normalized_input":  # needs the output's scales and the input: a post-hook sees both
-                    hook = self._weighted_input_hook(n, acc_id)
+                    hook = self._weighted_input_hook(n, acc_id, ("group", entry), len(names))
                     handles.append(self.layers[n].register_forward_hook(hook, with_kwargs=True))
                 else:
                     handles.append(self.layers[n].register_forward_hook(self._output_hook(n, acc_id)))
@@ -328,30 +342,22 @@ class _Collector:
             rows = act.reshape(-1, act.shape[-1])
         return rows
 
-    def _add(self, name: str, acc_id: int, rows: torch.Tensor, sequences: int,
-             row_weight: Optional[torch.Tensor] = None) -> None:
-        """Add rows' Gram (upper triangle) and sum. With `row_weight` (kind max_normalized_input, rows already
-        scaled by it), the Gram covers the first d coordinates and `sum` holds Σ weight·[row; weight]."""
+    def _add(self, name: str, acc_id: int, rows: torch.Tensor, sequences: int) -> None:
+        """Add rows' Gram (upper triangle) and sum."""
         acc = self.accumulators[acc_id]
-        dim = acc.dim - 1 if row_weight is not None else acc.dim
-        _check_features(name, "input" if acc.kind in ("input", "max_normalized_input") else "output", rows, dim)
+        _check_features(name, "input" if acc.kind == "input" else "output", rows, acc.dim)
         x = rows.to(self.dtype)
-        if row_weight is None:
-            batch_sum = x.sum(0)
-        else:
-            w = row_weight.to(self.dtype)
-            batch_sum = torch.cat([w @ x, (w @ w)[None]])
+        batch_sum = x.sum(0)
         if not torch.isfinite(batch_sum).all():
             raise FloatingPointError(
                 f"Non-finite activations in layer '{name}' (batch {self.batch_index}); it is the first target "
                 "layer, in execution order, where they appear."
             )
         acc.sum += batch_sum.to(acc.sum.device)
-        gram = acc.gram if row_weight is None else acc.gram[:dim, :dim]
         if x.device == acc.gram.device:
-            _add_upper_gram(gram, x)
+            _add_upper_gram(acc.gram, x)
         else:
-            gram += torch.triu(x.T @ x).to(acc.gram.device)
+            acc.gram += torch.triu(x.T @ x).to(acc.gram.device)
         acc.tokens += x.shape[0]
         acc.sequences += sequences
 
@@ -408,10 +414,10 @@ class _Collector:
         scaled = y / peak[:, None, None]
         return scaled[valid], int(valid.any(dim=1).sum())
 
-    def _weighted_input_hook(self, name, acc_id):
-        """The authors' statistic on the layer's input: rows x/m_s, so their Gram is Σ_s (1/m_s²) Σ_t xxᵀ and
-        W·that·Wᵀ (+ the bias terms, through x̃ = [x; 1]) is Σ_s Σ_t (y/m_s)(y/m_s)ᵀ exactly."""
-
+    def _weighted_input_hook(self, name, acc_id, group, group_size):
+        """The authors' statistic on the layer's input: Σ_s (1/m_s²)·G_s with G_s = Σ_t x̃x̃ᵀ over sequence s, so
+        that W̃·that·W̃ᵀ is Σ_s Σ_t (y/m_s)(y/m_s)ᵀ exactly. The per-sequence Grams G_s (upper strips) are formed once
+        per batch by the first layer of the group to run and shared with the others reading the same input."""
         d_out = out_in_dims(self.layers[name])[0]
 
         def hook(module, args, kwargs, output):
@@ -419,17 +425,62 @@ class _Collector:
             _check_features(name, "output", y, d_out)  # the scales must come from the whole output
             _, valid, peak = self._sequence_peaks(name, y)
             x = _input_of(args, kwargs).detach()
-            x = x.unsqueeze(0) if x.dim() == 2 else x
-            if x.shape[:-1] != valid.shape:
-                self._rows(name, x)  # raises the shape error
-            inv = (1 / peak).to(x.device)
-            scaled = x.to(self.dtype) * inv[:, None, None]  # a new tensor: the model's x is left alone
-            rows = scaled[valid.to(x.device)] if self.mask is not None else scaled.reshape(-1, scaled.shape[-1])
-            counts = valid.sum(dim=1).to(x.device)
-            row_inv = inv.repeat_interleave(counts)  # 1/m_s of each row's sequence
-            self._add(name, acc_id, rows, int(valid.any(dim=1).sum()), row_weight=row_inv)
+            pending = self._pending.get(group)
+            if pending is None:
+                parts = self._sequence_grams(name, x, valid)
+                if group_size > 1:
+                    self._pending[group] = (_tensor_key(x), x, parts, 1)
+            else:
+                key, ref, parts, seen = pending
+                if _tensor_key(x) != key:
+                    raise RuntimeError(
+                        f"Layer '{name}' shared its input with its group during probing but not in batch "
+                        f"{self.batch_index}; use AstraConfig(statistic_source='output') for this model."
+                    )
+                if seen + 1 == group_size:
+                    del self._pending[group]
+                else:
+                    self._pending[group] = (key, ref, parts, seen + 1)
+            weight = (1 / peak**2).to(parts[0].device)
+            self._add_weighted(name, acc_id, parts, weight, int(valid.any(dim=1).sum()))
 
         return hook
+
+    def _sequence_grams(self, name, x, valid):
+        """(sums (S, d), token counts (S,), strips): each sequence's Σx and Gram, the Gram as upper strips
+        (S, rows, d − i) starting at column i, padding rows zeroed."""
+        x = x.unsqueeze(0) if x.dim() == 2 else x
+        if x.shape[:-1] != valid.shape:
+            self._rows(name, x)  # raises the shape error
+        _check_features(name, "input", x, out_in_dims(self.layers[name])[1])
+        x = x.to(self.dtype)
+        if self.mask is not None:
+            x = x * valid.to(device=x.device, dtype=x.dtype)[..., None]
+        sums, counts = x.sum(dim=1), valid.sum(dim=1).to(device=x.device, dtype=x.dtype)
+        d = x.shape[-1]
+        step = d if d < 256 else -(-d // 4)  # as _add_upper_gram: 5/8 of the full product's work with 4 strips
+        xt = x.transpose(1, 2)
+        strips = [torch.bmm(xt[:, i : i + step], x[:, :, i:]) for i in range(0, d, step)]
+        return sums, counts, strips
+
+    def _add_weighted(self, name, acc_id, parts, weight, sequences) -> None:
+        acc = self.accumulators[acc_id]
+        sums, counts, strips = parts
+        w = weight.to(self.dtype)
+        batch_sum = torch.cat([w @ sums, (w @ counts)[None]])
+        if not torch.isfinite(batch_sum).all():
+            raise FloatingPointError(
+                f"Non-finite activations in layer '{name}' (batch {self.batch_index}); it is the first target "
+                "layer, in execution order, where they appear."
+            )
+        acc.sum += batch_sum.to(acc.sum.device)
+        d, i = acc.dim - 1, 0
+        for strip in strips:  # Σ_s w_s·G_s, strip by strip: one (S) × (S, rows·cols) product each
+            rows, cols = strip.shape[1], strip.shape[2]
+            acc.gram[i : i + rows, i:d] += (w @ strip.reshape(strip.shape[0], -1)).reshape(rows, cols).to(acc.gram.device)
+            i += rows
+        acc.tokens += int(counts.sum())
+        acc.sequences += sequences
 
 
 def _check_features(name: str, side: str, t: torch.Tensor, dim: int) -> None:
