@@ -228,16 +228,16 @@ def _plan(layers, groups, config: AstraConfig, family: str) -> list[tuple[str, l
     """(kind, layer names) per accumulator: one input Gram per group, or one output Gram per layer."""
     plan = []
     if family == "max_normalized":
-        # Each layer has its own per-sequence scales m_s, so each keeps its own weighted Gram of x̃ = [x; 1]; but
-        # layers reading one input share its per-sequence Grams (one Gram's work per batch, see
-        # _Collector._weighted_input_hook). Per group, the cheaper of that ((d_in + 1)²) and the output Grams.
+        # Each layer has its own per-sequence scales m_s, so each keeps its own weighted Gram of x̃ = [x; 1]: under
+        # 'auto' where that is smaller than its output Gram (d_in + 1 < d_out, e.g. gate/up). Layers reading one
+        # input share its per-sequence Grams, one Gram's work per batch (see _Collector._weighted_input_hook).
         for group in groups:
             d_in = out_in_dims(layers[group[0]])[1]
-            output_cost = sum(out_in_dims(layers[n])[0] ** 2 for n in group)
-            if config.statistic_source == "auto" and (d_in + 1) ** 2 < output_cost:
-                plan.append(("max_normalized_input", group))
-            else:
-                plan.extend(("max_normalized", [n]) for n in group)
+            weighted = [n for n in group
+                        if config.statistic_source == "auto" and d_in + 1 < out_in_dims(layers[n])[0]]
+            if weighted:
+                plan.append(("max_normalized_input", weighted))
+            plan.extend(("max_normalized", [n]) for n in group if n not in weighted)
         return plan
     for group in groups:
         d_in = out_in_dims(layers[group[0]])[1]

@@ -6,7 +6,7 @@ import torch
 from conftest import MODELS, lora_config
 
 from astra_peft import ActivationStats, AstraConfig, collect_activation_stats, initialize_astra_weights
-from astra_peft.layers import lora_layers, weight_matrix
+from astra_peft.layers import lora_layers, out_in_dims, weight_matrix
 
 F64 = dict(accumulation_dtype="float64", show_progress=False)
 
@@ -34,13 +34,13 @@ def test_weighted_input_gram_equals_the_output_gram(family, batches):
     kinds = {via_in.source(n) for n in via_in.layers}
     assert kinds == {"max_normalized", "max_normalized_input"}  # both, chosen per layer by cost
     assert {via_out.source(n) for n in via_out.layers} == {"max_normalized"}
-    if family == "llama":  # q/k/v (and gate/up) read one input: its per-sequence Grams serve all, each its own m_s
-        block = "model.layers.0."
-        qkv = [block + f"self_attn.{p}_proj" for p in "qkv"]
-        assert {via_in.source(n) for n in qkv} == {"max_normalized_input"}
-        assert len({via_in.layers[n].acc for n in qkv}) == 3
+    if family == "llama":  # gate/up read one input: its per-sequence Grams serve both, each with its own m_s
+        pair = [f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up")]
+        assert {via_in.source(n) for n in pair} == {"max_normalized_input"}
+        assert len({via_in.layers[n].acc for n in pair}) == 2
     for name in via_in.layers:
-        assert via_in.source(name) in ("max_normalized", "max_normalized_input"), name
+        d_out, d_in = out_in_dims(layers[name])
+        assert (via_in.source(name) == "max_normalized_input") == (d_in + 1 < d_out), name
         assert via_in.tokens(name) == via_out.tokens(name) == int(sum(b["attention_mask"].sum() for b in batches))
         expected = via_out.output_statistic(name, "max_normalized")
         layer = layers[name]
