@@ -188,7 +188,10 @@ def model_row(s: Shape):
     r["astra"] = r["grams"] + r["bases"] + max(r["decomp"], r["write"])
     r["astra_cpu"] = r["grams"] + r["bases"] + max(r["decomp_cpu"], r["write"])
     r["astra_packed"] = r["grams_packed"] + r["bases"] + max(r["decomp"], r["write"])  # a what-if
-    r["maxnorm"] = s.layers * sum(o * o for _, o, _ in proj) * F32
+    # max_normalized: per layer its output Gram, or where smaller (d_in + 1 < d_out) its own weighted input Gram of
+    # x̃ = [x; 1]; plus, transiently, the per-sequence upper-strip Grams of a shared weighted input (batch 8)
+    r["maxnorm"] = s.layers * sum((i + 1) ** 2 if i + 1 < o else o * o for _, o, i in proj) * F32
+    r["maxnorm_strips"] = max((8 * 5 * i * i // 8 for _, o, i in proj if i + 1 < o), default=0) * F32
     r["corda_cov"] = s.layers * sum(i * i for _, _, i in proj) * F32
     r["corda_uv"] = s.layers * sum((o + i) * min(o, i) for _, o, i in proj) * F32
     r["corda_decomp"] = max(corda_transient(o, i) for _, o, i in proj)
@@ -250,9 +253,10 @@ def main():
         print(f"| {r['name']} | {gb(c / 4)} | {r['astra'] / c:.3f} ({over(r['astra'])}) | {r['grams'] / c:.3f} | "
               f"{r['astra_packed'] / c:.3f} ({over(r['astra_packed'])}) | {r['write'] / c:.3f} |")
     print()
-    print("max_normalized statistic (no input sharing, one d_out^2 output Gram per layer):")
+    print("max_normalized statistic (per layer the smaller of its d_out^2 output Gram and its own (d_in+1)^2 "
+          "weighted input Gram; + the shared input's per-sequence Gram strips of one batch of 8, transient):")
     for r in rows:
-        print(f"  {r['name']}: {gb(r['maxnorm'])} GB fp32")
+        print(f"  {r['name']}: {gb(r['maxnorm'])} GB fp32 (+ {gb(r['maxnorm_strips'])} GB)")
     smol = rows[0]
     print()
     print(f"Cross-check: SmolLM2-135M Grams {smol['grams']:,} B; part 1 measured stats_bytes {PART1_STATS_BYTES:,} B: "
