@@ -405,14 +405,17 @@ class _Collector:
             self._rows(name, y)  # raises the shape error
         valid = mask if mask is not None else torch.ones(y.shape[:-1], dtype=torch.bool, device=y.device)
         y = y.to(self.dtype)
-        peak = y.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=(1, 2)).abs()
+        # without padding every position counts: no masked copy of y to take the max of
+        masked = y if mask is None else y.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+        peak = masked.amax(dim=(1, 2)).abs()
         return y, valid, peak.clamp_min(torch.finfo(self.dtype).tiny)
 
     def _max_normalized_rows(self, name, y):
         """The authors' statistic: each sequence divided by its largest element (`torch.max(out).abs()`)."""
         y, valid, peak = self._sequence_peaks(name, y)
         scaled = y / peak[:, None, None]
-        return scaled[valid], int(valid.any(dim=1).sum())
+        rows = scaled.reshape(-1, scaled.shape[-1]) if self.mask is None else scaled[valid]  # a view, not a gather
+        return rows, int(valid.any(dim=1).sum())
 
     def _weighted_input_hook(self, name, acc_id, group, group_size):
         """The authors' statistic on the layer's input: Σ_s (1/m_s²)·G_s with G_s = Σ_t x̃x̃ᵀ over sequence s, so

@@ -109,3 +109,30 @@ def test_initialisation_from_saved_weighted_statistics_matches(tmp_path, batches
     initialize_astra_weights(reused, stats=ActivationStats.load(tmp_path / "s.safetensors"), astra_config=config)
     for (n, a), (_, b) in zip(lora_layers(direct, "default").items(), lora_layers(reused, "default").items()):
         assert torch.equal(a.lora_B["default"].weight, b.lora_B["default"].weight), n
+
+
+def test_without_padding_both_paths_match_the_definition():
+    """No attention_mask padding (the rows are views, the max taken without a masked copy): both paths equal
+    Σ_s (y_s / |max y_s|)ᵀ(y_s / |max y_s|) / S computed directly."""
+    from conftest import make_batches
+
+    batches = make_batches(n_batches=2, pad_rows=False)
+    model = _model("llama")
+    outputs = {}
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]  # a weighted-input and an output layer
+    layers = dict(model.named_modules())
+    handles = [layers[n].register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, []).append(o.detach()))
+               for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    via_in, via_out = _stats(model, "llama", "auto", batches), _stats(model, "llama", "output", batches)
+    assert [via_in.source(n) for n in names] == ["max_normalized_input", "max_normalized"]
+    for name in names:
+        ys = [y for batch in outputs[name] for y in batch]
+        expected = sum((y / y.max().abs()).T @ (y / y.max().abs()) for y in ys) / len(ys)
+        for stats in (via_in, via_out):
+            got = stats.output_statistic(name, "max_normalized")
+            assert (got - expected).abs().max() <= 1e-10 * expected.abs().max(), name
