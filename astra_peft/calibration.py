@@ -1,7 +1,10 @@
 """Calibration: one pass of the frozen model that gathers each target layer's sufficient statistics.
 
 Layers that read the same tensor (q/k/v, gate/up) share one input Gram where that is cheaper than
-their output Grams, because Cov(Wx + b) = W Cov(x) Wᵀ exactly.
+their output Grams, because Cov(Wx + b) = W Cov(x) Wᵀ exactly. The authors' max-normalised statistic scales each
+sequence by its layer's own output maximum m_s; a layer with d_in + 1 < d_out keeps Σ_s (1/m_s²) Σ_t x̃x̃ᵀ
+(x̃ = [x; 1]) instead of its output Gram, exact by the same identity, and layers reading one input share that
+input's per-sequence Grams.
 """
 
 from __future__ import annotations
