@@ -364,26 +364,34 @@ class _Collector:
         acc.tokens += x.shape[0]
         acc.sequences += sequences
 
+    def _once_per_group(self, slot, name: str, x: torch.Tensor, group_size: int, compute):
+        """`compute()` for the first layer of a group to read input `x` in this batch; the group's other layers get
+        the same value after checking that they read the very same tensor (x is kept alive until the whole group
+        has checked it, so its address cannot be reused by another tensor meanwhile)."""
+        pending = self._pending.get(slot)
+        if pending is None:
+            value = compute()
+            if group_size > 1:
+                self._pending[slot] = (_tensor_key(x), x, value, 1)
+            return value
+        key, ref, value, seen = pending
+        if _tensor_key(x) != key:
+            raise RuntimeError(
+                f"Layer '{name}' shared its input with its group during probing but not in batch "
+                f"{self.batch_index}; use AstraConfig(statistic_source='output') for this model."
+            )
+        if seen + 1 == group_size:
+            del self._pending[slot]
+        else:
+            self._pending[slot] = (key, ref, value, seen + 1)
+        return value
+
     def _input_hook(self, name, acc_id, group_size):
         def hook(module, args, kwargs):
             x = _input_of(args, kwargs)
-            key = _tensor_key(x)
-            pending = self._pending.get(acc_id)
-            if pending is None:
-                self._add(name, acc_id, self._rows(name, x), x.shape[0] if x.dim() > 2 else 1)
-                if group_size > 1:  # keep x alive until the whole group has checked it
-                    self._pending[acc_id] = (key, x, 1)
-            else:
-                first_key, ref, seen = pending
-                if key != first_key:
-                    raise RuntimeError(
-                        f"Layer '{name}' shared its input with its group during probing but not in batch "
-                        f"{self.batch_index}; use AstraConfig(statistic_source='output') for this model."
-                    )
-                if seen + 1 == group_size:
-                    del self._pending[acc_id]
-                else:
-                    self._pending[acc_id] = (first_key, ref, seen + 1)
+            # the group's one accumulator takes the input once
+            self._once_per_group(acc_id, name, x, group_size,
+                                 lambda: self._add(name, acc_id, self._rows(name, x), x.shape[0] if x.dim() > 2 else 1))
 
         return hook
 
@@ -431,22 +439,7 @@ class _Collector:
             _check_features(name, "output", y, d_out)  # the scales must come from the whole output
             _, valid, peak = self._sequence_peaks(name, y)
             x = _input_of(args, kwargs).detach()
-            pending = self._pending.get(group)
-            if pending is None:
-                parts = self._sequence_grams(name, x, valid)
-                if group_size > 1:
-                    self._pending[group] = (_tensor_key(x), x, parts, 1)
-            else:
-                key, ref, parts, seen = pending
-                if _tensor_key(x) != key:
-                    raise RuntimeError(
-                        f"Layer '{name}' shared its input with its group during probing but not in batch "
-                        f"{self.batch_index}; use AstraConfig(statistic_source='output') for this model."
-                    )
-                if seen + 1 == group_size:
-                    del self._pending[group]
-                else:
-                    self._pending[group] = (key, ref, parts, seen + 1)
+            parts = self._once_per_group(group, name, x, group_size, lambda: self._sequence_grams(name, x, valid))
             weight = (1 / peak**2).to(parts[0].device)
             self._add_weighted(name, acc_id, parts, weight, int(valid.any(dim=1).sum()))
 
