@@ -295,3 +295,17 @@ def test_all_linear_on_a_plain_model_picks_the_layers_peft_wraps(family):
     if family == "llama":  # and the calibration itself follows it
         stats = collect_activation_stats(factory(), make_batches(), config, AstraConfig(**QUIET))
         assert set(stats.layers) == set(wrapped)
+
+
+@pytest.mark.parametrize("statistic, layer", [("covariance", "self_attn.k_proj"), ("max_normalized", "mlp.up_proj")])
+def test_a_group_that_stops_sharing_its_input_is_refused(statistic, layer, batches):
+    # The probe sees q/k/v (gate/up) read one tensor; from the next forward on, a user hook hands one of them a copy.
+    # The shared statistic would then silently describe another input: both hook kinds must refuse, naming the layer.
+    model = tiny_llama()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    module = model.get_submodule(f"model.layers.0.{layer}")
+    module.register_forward_pre_hook(lambda m, args: (args[0].clone(),) if len(forwards) > 1 else None)
+    config = AstraConfig(statistic=statistic, show_progress=False)
+    with pytest.raises(RuntimeError, match=rf"'model.layers.0.{layer}' shared its input with its group during probing"):
+        collect_activation_stats(model, batches, lora_config("llama"), config)
