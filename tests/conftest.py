@@ -113,3 +113,20 @@ def logits(model, batch):
 @pytest.fixture
 def batches():
     return make_batches()
+
+
+def torchrun(script, *args, nproc: int = 2, timeout: int = 240, env=None):
+    """Run `script` under `python -m torch.distributed.run --standalone` with `nproc` CPU processes (one thread
+    each, tests/ and the repository on PYTHONPATH, `env` added); assert it succeeded and return the result."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
+                "PYTHONPATH": os.pathsep.join([str(root / "tests"), str(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *map(str, args)]
+    done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done

@@ -2,30 +2,17 @@
 from, before or after sharding (examples/fsdp2.py). FSDP1 flat parameters and malformed weights are refused."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_config, peft_model, tiny_llama
+from conftest import lora_config, peft_model, tiny_llama, torchrun
 from torch import nn
 
 from astra_peft import collect_activation_stats, initialize_astra_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fsdp2.py"
-
-
-def _torchrun(script: Path, *args, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(script), *map(str, args)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
 
 
 def _example():
@@ -37,7 +24,7 @@ def _example():
 
 @pytest.mark.slow
 def test_fsdp2_matches_single_process_and_is_what_training_steps_from(tmp_path):
-    _torchrun(EXAMPLE, tmp_path)
+    torchrun(EXAMPLE, tmp_path)
     results = torch.load(tmp_path / "fsdp2.pt")
     ex = _example()
     with torch.no_grad():
@@ -84,7 +71,7 @@ def test_fsdp2_matches_single_process_and_is_what_training_steps_from(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp1_is_refused_naming_the_module_and_uneven_batches_raise(tmp_path):
-    _torchrun(ROOT / "tests" / "_fsdp_refusals.py", tmp_path, nproc=2)
+    torchrun(ROOT / "tests" / "_fsdp_refusals.py", tmp_path, nproc=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
 
 

@@ -2,13 +2,11 @@
 survives the first optimizer step, before `deepspeed.initialize` or after it (examples/deepspeed_zero3.py)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 pytest.importorskip("deepspeed")
 
@@ -16,16 +14,6 @@ from astra_peft import initialize_astra_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "deepspeed_zero3.py"
-
-
-def _torchrun(script: Path, *args, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(script), *map(str, args)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
 
 
 def _example(monkeypatch):
@@ -38,7 +26,7 @@ def _example(monkeypatch):
 
 @pytest.mark.slow
 def test_zero3_matches_single_process_and_survives_the_first_step(tmp_path, monkeypatch):
-    _torchrun(EXAMPLE, tmp_path)
+    torchrun(EXAMPLE, tmp_path, env={"DS_ACCELERATOR": "cpu"})
     results = torch.load(tmp_path / "zero3.pt")
     ex = _example(monkeypatch)
     original = ex.tiny_llama()
@@ -83,5 +71,5 @@ def test_zero3_matches_single_process_and_survives_the_first_step(tmp_path, monk
 
 @pytest.mark.slow
 def test_zero3_refusals_and_calibration_inside_an_outer_gather(tmp_path):
-    _torchrun(ROOT / "tests" / "_zero3_refusals.py", tmp_path, nproc=1)
+    torchrun(ROOT / "tests" / "_zero3_refusals.py", tmp_path, nproc=1, env={"DS_ACCELERATOR": "cpu"})
     assert (tmp_path / "ok").read_text() == "ok"
