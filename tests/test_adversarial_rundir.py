@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from test_harness import make_generation_jsonl, make_tiny_llama, one_thread  # noqa: F401
+from test_harness import make_generation_jsonl, make_tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from test_harness import (WORDS, finetune, make_classification_jsonl, make_generation_jsonl,  # noqa: F401
-                          make_tiny_bert, make_tiny_llama, one_thread)
+                          make_tiny_bert, make_tiny_llama)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -20,13 +20,7 @@ WORDS = ("is the a cat dog red blue big small one two three four five six more t
 # ------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting, ~10x faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer(path: Path):

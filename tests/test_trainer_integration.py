@@ -22,12 +22,7 @@ EXACT = 1e-5  # fp32: the plain-LoRA conversion reproduces the trained model up 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _texts(n=40):
