@@ -16,7 +16,6 @@ not a LoRA factor is carried over as trained.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -14,10 +14,13 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..config import check_choices
 from .kinds import ModelKind
+
+if TYPE_CHECKING:  # annotations only: torch is imported inside the functions (see below)
+    from torch import nn
 
 # torch is imported inside the functions that need it: `astra models` and `astra tasks` (through sources.py)
 # import this module and must answer without loading torch.
