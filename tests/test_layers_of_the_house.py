@@ -107,3 +107,13 @@ def test_no_import_circle_anywhere_in_the_package():
 
 def test_the_circle_finder_finds_a_circle():
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_subpackage_is_packaged():
+    # A built wheel holds only the packages pyproject lists: a new subpackage missing there exists in editable
+    # installs and nowhere else (astra_peft.integrations was, once).
+    import tomllib
+
+    listed = set(tomllib.loads((LIBRARY.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(LIBRARY.parent).parts) for p in LIBRARY.rglob("__init__.py")}
+    assert listed == found
