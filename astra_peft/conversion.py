@@ -173,11 +173,24 @@ def save_as_lora(model: PeftModel, path, initial_path, adapter_name: str = "defa
     from .sharding import adapter_state_dict, unwrap
 
     state = adapter_state_dict(model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if not dist.is_initialized():
         unwrap(model).save_pretrained(str(path), selected_adapters=[adapter_name], state_dict=state)
-        _convert(folder, initial, folder)
-    if dist.is_initialized():
-        dist.barrier()
+        return _convert(folder, initial, folder)
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            unwrap(model).save_pretrained(str(path), selected_adapters=[adapter_name], state_dict=state)
+            _convert(folder, initial, folder)
+        except Exception as err:  # told to every rank below, then raised here as it is
+            failure = [f"{type(err).__name__}: {err}"]
+            raise
+        finally:
+            # in place of a barrier: the others wait for rank 0's outcome, and raise too rather than wait forever
+            dist.broadcast_object_list(failure, src=0)
+    else:
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise RuntimeError(f"save_as_lora failed on rank 0, which writes the files: {failure[0]}")
     return folder
 
 

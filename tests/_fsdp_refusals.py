@@ -10,7 +10,7 @@ import torch.distributed as dist
 from conftest import make_batches, peft_model
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
-from astra_peft import AstraConfig, initialize_astra_weights
+from astra_peft import AstraConfig, initialize_astra_weights, save_as_lora
 from astra_peft.layers import weight_matrix
 
 dist.init_process_group("gloo")
@@ -40,6 +40,11 @@ capped = AstraConfig(show_progress=False, max_tokens=1 if rank == 0 else None)
 report = initialize_astra_weights(sharded, make_batches(n_batches=4), capped)
 tokens = {layer.tokens for layer in report.layers}
 assert tokens == {2 * int(make_batches(n_batches=1)[0]["attention_mask"].sum())}, tokens  # one batch per rank
+# save_as_lora on a sharded model: rank 0 writes; when it fails (no initial adapter there), every rank raises
+# naming the folder instead of the others waiting at a barrier forever.
+missing = Path(sys.argv[1], "no-initial-adapter")
+with pytest.raises((FileNotFoundError, RuntimeError), match="no-initial-adapter"):
+    save_as_lora(sharded, Path(sys.argv[1], "lora-out"), missing)
 Path(sys.argv[1], f"rank{rank}").write_text("ok")
 dist.barrier()  # nobody tears the group down while a peer still uses it
 dist.destroy_process_group()
