@@ -54,6 +54,12 @@ SELECTIONS = [f"astra:eigen_selection={s}" for s in ("middle", "lower_quartile",
 RANKED = ["astra:rank=32:alpha=32", "astra:rank=128:alpha=128", "lora:rank=128:alpha=128"]
 ABLATION_TASK = "strategyqa"  # the NLG task of every ablation (and of NLG learning-rate tuning)
 SEEDS = "0,1,2"
+# Issue 15 §1: forgetting, on the two cheapest NLG tasks (social-iqa ~2.5 min a run, math-qa ~4.5), each its own
+# folder so the two can run side by side (one core each). The texts: 32 held-out xsum articles of <= 256 tokens,
+# scored before and after fine-tuning (~20 s each way on one core), the same for every method and seed.
+FORGET_TASKS = ["social-iqa", "math-qa"]
+FORGET_METHODS = ["lora", "astra", "pissa", "milora", "corda", "corda:corda_method=kpm", "lora-ga", "full"]
+FORGET_FLAGS = ["--forgetting-data", "xsum", "--forgetting-samples", "32", "--forgetting-max-length", "256"]
 EFFECTIVE_RANK = [(NLU, "mr", "nlu-lr"), (NLG, "social-iqa", "nlg-lr")]  # one task of each kind
 # learning-rate grids, tuned per method family on the dev split of one task, seed 0
 ADAPTER_LRS = ["1e-4", "5e-4", "2e-3"]
@@ -191,6 +197,18 @@ def phases() -> dict[str, Phase]:
             for task in tasks:
                 yield compare(cfg, [task], own, seed, out)
 
+    def forgetting(task):
+        """Issue 15 §1: every method of FORGET_METHODS at the rate of the main table (CorDA's kpm at CorDA's tuned
+        rate: the mode changes which directions are kept, not the scale), and `largest` at its own rate, seed by
+        seed, so an interrupted phase leaves every method at the same seeds."""
+        kpm = "corda:corda_method=kpm"
+        methods = specs([m for m in FORGET_METHODS if m != kpm], "nlg-lr", own=OWN_FAMILY_NLG)
+        corda_lr = tuned_lr("nlg-lr-baselines", ["corda"], ADAPTER_LRS)
+        methods.insert(methods.index(f"corda:lr={corda_lr}") + 1, f"{kpm}:lr={corda_lr}")
+        methods.insert(2, own_lr(largest, "nlg-lr-largest"))
+        for seed in SEEDS.split(","):
+            yield compare(NLG, [task], methods, seed, f"forgetting-{task}") + FORGET_FLAGS
+
     def ablation(methods, tasks=(ABLATION_TASK,)):
         return Phase(
             # seed by seed, so an interrupted ablation leaves every configuration at the same seeds
@@ -264,6 +282,8 @@ def phases() -> dict[str, Phase]:
         "ablation-calibration": ablation(["astra", "astra:calibration_data=xsum", largest,
                                           f"{largest}:calibration_data=xsum"]),
         "effective-rank": Phase(effective_rank, "effective-rank"),
+        **{f"forgetting-{task}": Phase(lambda task=task: forgetting(task), f"forgetting-{task}")
+           for task in FORGET_TASKS},
     }
 
 
