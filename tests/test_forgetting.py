@@ -222,6 +222,27 @@ def test_a_changed_forgetting_setting_is_not_silently_reused(tiny, tmp_path):
     assert finetune(tiny, tmp_path / "plain", max_steps=1) == first
 
 
+def test_finetune_prints_the_forgetting_it_measured(tiny, tmp_path, capsys):
+    """`astra finetune` ends with the forgetting numbers of summary.json (compare's table has them too); a run
+    without --forgetting-data prints no forgetting line."""
+    from astra_peft.harness.cli import main
+
+    common = ["finetune", "--model", tiny["llama"], "--data", tiny["gen"], "--method", "lora", "--max-steps", "3",
+              "--batch-size", "4", "--rank", "4", "--lr", "5e-2", "--no-progress"]
+    capsys.readouterr()
+    assert main(common + ["--output", str(tmp_path / "run"), "--forgetting-data", "xsum", "--forgetting-samples",
+                          "24", "--forgetting-max-length", "40"]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert abs(saved["forgetting"]) > 1e-3  # a sign that could be printed wrong
+    lines = [line for line in out.splitlines() if line.startswith("  forgetting")]
+    assert lines == [f"  forgetting (24 held-out xsum texts, {24 * 39:,} tokens): loss before "
+                     f"{saved['forget_loss_before']:.4f}, after {saved['forget_loss_after']:.4f}, forgetting "
+                     f"(after − before) {saved['forgetting']:+.4f}"], out
+    assert main(common + ["--output", str(tmp_path / "plain")]) == 0
+    assert "forgetting" not in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------- compare
 
 

@@ -167,6 +167,10 @@ def cmd_finetune(args) -> int:
         size = f" ({metrics['n']} rows)" if "n" in metrics else ""
         print(f"  {split}{size}: {shown}")
     print(f"  trainable parameters: {summary['trainable_parameters']:,}")
+    if summary.get("forgetting") is not None:  # --forgetting-data (harness/forgetting.py), as compare's table has it
+        print(f"  forgetting ({summary['forgetting_texts']} held-out {summary['forgetting_data']} texts, "
+              f"{summary['forgetting_tokens']:,} tokens): loss before {summary['forget_loss_before']:.4f}, after "
+              f"{summary['forget_loss_after']:.4f}, forgetting (after − before) {summary['forgetting']:+.4f}")
     degenerate = (summary.get("init_report") or {}).get("degenerate_layers")
     if degenerate is not None:
         print(f"  degenerate layers (too few distinct directions; see the run's init report): {len(degenerate)}")
