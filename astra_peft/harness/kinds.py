@@ -26,3 +26,8 @@ ModelDtype = Literal["float32", "bfloat16"]
 EvalSplit = Literal["dev", "test"]
 MODEL_DTYPES: tuple[str, ...] = typing.get_args(ModelDtype)
 EVAL_SPLITS: tuple[str, ...] = typing.get_args(EvalSplit)
+
+# How an Astra run sizes its adapter: rank r in every layer (the paper), or ranks by each layer's effective rank
+# under the same parameter budget (`astra_peft.allocate_ranks`).
+RankAllocationKind = Literal["uniform", "effective_rank"]
+RANK_ALLOCATION_KINDS: tuple[str, ...] = typing.get_args(RankAllocationKind)

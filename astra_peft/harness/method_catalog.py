@@ -25,7 +25,8 @@ class MethodInfo:
     help: str
     data: Optional[DataNeed] = None  # as Method.data
     peft: bool = True
-    config_options: tuple = ()  # fields of the method's own config class ("astra": read from AstraConfig)
+    # fields of the method's own config class ("astra": read from AstraConfig) and of its run options
+    config_options: tuple = ()
 
     def options(self) -> list[str]:
         """Every KEY a spec `METHOD:KEY=VALUE` accepts, sorted: as `methods.Method.option_types()`."""
@@ -49,7 +50,7 @@ CATALOG: tuple[MethodInfo, ...] = (
     MethodInfo("full", "Full fine-tuning: every parameter trainable, no adapter.", peft=False),
     MethodInfo("milora", "MiLoRA: minor (smallest) singular triplets of W, residual frozen (ours; mirrors PiSSA)."),
     MethodInfo("astra", "Astra: tail eigenvectors of the output-activation statistic (this package's core).",
-               data="activations"),
+               data="activations", config_options=("rank_allocation",)),  # rank_allocation.AstraRunOptions
     MethodInfo("eva", "EVA: SVD of layer inputs on data, rank redistribution (PEFT).", data="activations",
                config_options=("adjust_scaling_factors", "label_mask_value", "rho", "tau", "use_label_mask",
                                "whiten")),

@@ -7,8 +7,8 @@ A method is named on the command line by a *spec* (parsed in `specs.py`): ``METH
 ``astra:eigen_selection=largest``, ``dora:lr=2e-4``, ``corda:corda_method=kpm:calibration_samples=128``.
 The spec string is also the run's name in tables and plots, so two variants of one method can sit side by side
 in one comparison. Keys are either common to every method (``lr``, ``rank``, ``alpha``), about calibration data
-(``calibration_samples``, ``calibration_data``; data-driven methods only), or fields of the method's own config
-(`AstraConfig`, `EvaConfig`, `CordaConfig`, `LoraGAConfig`).
+(``calibration_samples``, ``calibration_data``; data-driven methods only), fields of the method's own config
+(`AstraConfig`, `EvaConfig`, `CordaConfig`, `LoraGAConfig`), or the harness's own (Astra's ``rank_allocation``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 from ..config import check_choices
 from ..rewrite import subtract_adapters
 from .kinds import DataNeed, TaskKind
+from .rank_allocation import AstraRunOptions, build_allocated_astra
 
 # Options every method accepts; they override the run's --lr/--rank/--alpha for this method only.
 COMMON_OPTIONS: dict[str, type] = {"lr": float, "rank": int, "alpha": float}
@@ -102,6 +103,8 @@ class Method:
     help: str
     build: Callable[[BuildContext, Any], BuiltModel]  # build(ctx, spec: specs.MethodSpec)
     config_cls: Optional[type] = None  # dataclass whose fields are this method's options
+    # Dataclass of the harness's own options for this method, beside config_cls's (never passed to config_cls).
+    run_options: Optional[type] = None
     data: Optional[DataNeed] = None  # None: the method looks at no data before training
     peft: bool = True  # False only for full fine-tuning
     base: BaseRebuild = BaseRebuild.KEEP
@@ -116,6 +119,9 @@ class Method:
         if self.config_cls is not None:
             hints = typing.get_type_hints(self.config_cls)
             types.update({f.name: hints.get(f.name, str) for f in dataclasses.fields(self.config_cls)})
+        if self.run_options is not None:
+            hints = typing.get_type_hints(self.run_options)
+            types.update({f.name: hints[f.name] for f in dataclasses.fields(self.run_options)})
         return types
 
 
@@ -123,7 +129,8 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], type]] = None,
-                    data: Optional[DataNeed] = None, peft: bool = True, base: BaseRebuild = BaseRebuild.KEEP):
+                    data: Optional[DataNeed] = None, peft: bool = True, base: BaseRebuild = BaseRebuild.KEEP,
+                    run_options: Optional[type] = None):
     """Decorator: register `build(ctx, spec) -> BuiltModel` under `name`.
 
     Args:
@@ -136,6 +143,8 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
         base: What the initialisation does to the frozen weights (see `BaseRebuild`). Declare it right, or a
             resumed run stops being exact: tests/test_persistence.py rebuilds every method from its saved
             initial adapter and compares the weights bit for bit.
+        run_options: A dataclass whose fields are spec options the harness itself acts on (not fields of
+            `config_cls`), e.g. Astra's ``rank_allocation``; its `__post_init__` validates them.
 
     Returns:
         The decorator, which returns `build` unchanged.
@@ -148,7 +157,8 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
                 cls = config_cls()
             except ImportError:  # the method still builds (and fails with the real error) when chosen
                 cls = None
-        METHODS[name] = Method(name=name, help=help, build=build, config_cls=cls, data=data, peft=peft, base=base)
+        METHODS[name] = Method(name=name, help=help, build=build, config_cls=cls, data=data, peft=peft, base=base,
+                               run_options=run_options)
         return build
 
     return wrap
@@ -260,6 +270,7 @@ def _astra_config_cls():
     config_cls=_astra_config_cls,
     data="activations",
     base=BaseRebuild.PRODUCT,
+    run_options=AstraRunOptions,
 )
 def _build_astra(ctx: BuildContext, spec) -> BuiltModel:
     from peft import get_peft_model
@@ -269,9 +280,13 @@ def _build_astra(ctx: BuildContext, spec) -> BuiltModel:
     # The run's seed and progress setting unless the spec sets them.
     config = spec.method_config(seed=ctx.seed, show_progress=ctx.progress)
     batches = _require_batches(ctx, "calibration_batches", "astra")
-    model, t_peft = _timed(get_peft_model, ctx.model, lora_config(ctx))
+    allocation = None
     try:
-        report = initialize_astra_weights(model, batches(), config)
+        if spec.run_options().rank_allocation == "effective_rank":
+            model, report, allocation, t_peft = build_allocated_astra(ctx.model, lora_config(ctx), batches, config)
+        else:
+            model, t_peft = _timed(get_peft_model, ctx.model, lora_config(ctx))
+            report = initialize_astra_weights(model, batches(), config)
     except ValueError as err:
         if "calibration tokens" not in str(err):
             raise
@@ -287,6 +302,7 @@ def _build_astra(ctx: BuildContext, spec) -> BuiltModel:
         "degenerate_layers": report.degenerate_layers,
         "decomposition_seconds": report.decomposition_seconds,
         "write_seconds": report.write_seconds,
+        **({"allocation": allocation} if allocation else {}),  # uniform runs' reports stay as they were
     }
     return BuiltModel(
         model,

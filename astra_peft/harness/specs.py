@@ -8,6 +8,7 @@ here, naming the spec, before any model is loaded. What flows on to `methods.bui
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
@@ -23,7 +24,7 @@ class MethodSpec:
 
     name: str
     method: str
-    options: dict = field(default_factory=dict)  # method's own options, coerced to their annotated types
+    options: dict = field(default_factory=dict)  # method's own options (config and run options), coerced
     overrides: dict = field(default_factory=dict)  # lr / rank / alpha
     calibration: dict = field(default_factory=dict)  # calibration_samples / calibration_data
 
@@ -48,7 +49,22 @@ class MethodSpec:
         cls = METHODS[self.method].config_cls
         if cls is None:
             return None
-        return cls(**{**defaults, **self.options})
+        own = {k: v for k, v in self.options.items() if k not in _run_option_names(self.method)}
+        return cls(**{**defaults, **own})
+
+    def run_options(self) -> Any:
+        """The method's harness-side options (e.g. Astra's ``rank_allocation``) from the spec, defaults elsewhere.
+
+        Returns:
+            An instance of the method's `run_options` dataclass, or None for a method without one.
+
+        Raises:
+            ValueError: A value outside its choices (only possible when the spec was built without parsing).
+        """
+        cls = METHODS[self.method].run_options
+        if cls is None:
+            return None
+        return cls(**{k: v for k, v in self.options.items() if k in _run_option_names(self.method)})
 
     def with_defaults(self, **defaults) -> "MethodSpec":
         """Fill options the spec does not set (e.g. from --eigen-selection); the spec wins over flags.
@@ -71,6 +87,11 @@ class MethodSpec:
                 continue
             parts.append(f"{key}={value}")
         return parse_method_spec(":".join(parts)) if len(parts) > 1 else self
+
+
+def _run_option_names(method: str) -> set[str]:
+    cls = METHODS[method].run_options
+    return {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
 
 
 def _coerce(key: str, raw: str, hint: Any, spec: str):
@@ -145,6 +166,7 @@ def parse_method_spec(spec: str) -> MethodSpec:
     if options:  # the method's own checks (e.g. AstraConfig's combinations), once, here
         try:
             parsed.method_config()
+            parsed.run_options()
         except (TypeError, ValueError) as err:
             raise ValueError(f"in method spec {text!r}: {err}") from None
     return parsed

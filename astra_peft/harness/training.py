@@ -22,6 +22,7 @@ import torch
 from .encoding import Collator, encode_row, pad_id
 from .evaluation import evaluate
 from .methods import METHODS, BuildContext, BuiltModel, build_method
+from .rank_allocation import check_restored_ranks
 from .restore import restore_initial_adapter
 from .rundir import RunDir, check_output
 from .trainer import cpu_only  # noqa: F401  (re-exported: it used to live here)
@@ -371,6 +372,8 @@ def _build_or_restore(spec, ctx: BuildContext, run: RunDir, fingerprint: str, is
     init_dir, meta = run.file(RunDir.ADAPTER_INIT), run.read_init()
     if meta and meta.get("fingerprint") == fingerprint and init_dir.is_dir():
         model = restore_initial_adapter(ctx.model, init_dir, spec.method, meta["mutates_base"])
+        if meta["report"].get("allocation"):  # the ranks the run allocated, whatever adapter_config.json says now
+            check_restored_ranks(model, meta["report"]["allocation"]["ranks"], str(init_dir))
         return BuiltModel(model, calibration_seconds=meta["calibration_seconds"], init_seconds=meta["init_seconds"],
                           mutates_base=meta["mutates_base"], report={**meta["report"], "restored_from": str(init_dir)})
     built = build_method(spec, ctx)
