@@ -277,6 +277,9 @@ def phases() -> dict[str, Phase]:
         "ablation-statistic-tasks": ablation([f"astra:statistic={s}" if s != "covariance" else "astra"
                                               for s in ("covariance", "second_moment", "max_normalized")],
                                              tasks=NLG_TASKS),
+        # Issue 15 §3: ranks by effective rank under uniform r's parameter budget, at Astra's tuned rate, beside
+        # uniform Astra (whose runs nlg-main already has, so they are skipped), all three tasks
+        "ablation-allocation": ablation(["astra", "astra:rank_allocation=effective_rank"], tasks=NLG_TASKS),
         "ablation-null-space": ablation(["astra", "astra:null_space=exclude", largest,
                                          f"{largest}:null_space=exclude"]),
         "ablation-calibration": ablation(["astra", "astra:calibration_data=xsum", largest,
