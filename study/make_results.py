@@ -4,13 +4,13 @@
 
 Each phase of study/run_study.py becomes a section: its commands, how many runs have finished, the
 table in the paper's shape (mean ± std over seeds), and the wall time the runs cost.
+The forgetting phases get, beside theirs, one section together (forgetting_results.py: issue 15 §1).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 from collections import defaultdict
@@ -19,8 +19,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import forgetting_results  # noqa: E402
 import pack_runs  # noqa: E402
 import run_study  # noqa: E402
+from paired_stats import BOOTSTRAP, paired_effect as _paired_effect, sign_test as _sign_test  # noqa: E402
 
 from astra_peft.harness.report import markdown_table, mean_std_cell, plot_curves  # noqa: E402
 
@@ -39,13 +41,6 @@ def _wall_times() -> dict[str, float]:
     return totals
 
 
-def _sign_test(wins: int, n: int) -> float:
-    """Two-sided sign test: the chance of a split at least this uneven if either side were as likely to win."""
-    extreme = max(wins, n - wins)
-    return min(1.0, 2 * sum(math.comb(n, k) for k in range(extreme, n + 1)) / 2 ** n)
-
-
-BOOTSTRAP = dict(resamples=10_000, seed=0)  # fixed, so the intervals regenerate byte for byte
 EFFECT_NOTE = ("Paired comparisons (below every test table) give, beside the sign test, the mean of the paired "
                "held-out loss differences with two 95% confidence intervals: the paired t interval (mean ± "
                "t(0.975, n − 1) · sd / √n) and a paired bootstrap percentile interval "
@@ -54,28 +49,6 @@ EFFECT_NOTE = ("Paired comparisons (below every test table) give, beside the sig
                "values), and Cohen's d_z (mean difference / standard deviation of the differences). An interval that "
                "excludes 0 marks a difference at about the 5% level; pairs share a task or a seed, so they are not "
                "fully independent.\n")
-
-
-def _paired_effect(diffs: list[float]) -> dict:
-    """Mean of paired differences with its 95% t and bootstrap intervals and Cohen's d_z ('–' where undefined:
-    one pair, or differences without spread)."""
-    import numpy as np
-    from scipy import stats
-
-    d = np.asarray(diffs, dtype=float)
-    n, mean = len(d), float(d.mean())
-    out = {"mean": f"{mean:+.4f}", "t": "–", "boot": "–", "dz": "–"}
-    if n < 2:
-        return out
-    sd = float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    out["t"] = f"[{mean - half:+.4f}, {mean + half:+.4f}]"
-    idx = np.random.RandomState(BOOTSTRAP["seed"]).randint(0, n, size=(BOOTSTRAP["resamples"], n))
-    lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
-    out["boot"] = f"[{lo:+.4f}, {hi:+.4f}]"
-    if sd > 0:
-        out["dz"] = f"{mean / sd:+.2f}"
-    return out
 
 
 def _finals(runs: list[dict], split: str) -> dict:
@@ -217,6 +190,16 @@ def _effective_rank() -> str:
     return "\n".join(parts)
 
 
+def _command_methods(phase) -> list[str]:
+    """The --methods of the phase's first command, in order (empty where its tuning has not finished)."""
+    try:
+        for cmd in phase.commands():
+            return cmd[cmd.index("--methods") + 1].split(",")
+    except SystemExit:
+        pass
+    return []
+
+
 def main():
     os.chdir(run_study.ROOT)
     walls = _wall_times()
@@ -287,6 +270,9 @@ def main():
             parts.append(paired)
         if name == "effective-rank":
             parts.append(_effective_rank())
+    forget = {task: run_study.phase_runs(table[f"forgetting-{task}"]) for task in run_study.FORGET_TASKS}
+    first = table[f"forgetting-{run_study.FORGET_TASKS[0]}"]
+    parts.append(forgetting_results.section(forget, FIGURES, order=_command_methods(first)))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
     for folder in pack_runs.folders():
