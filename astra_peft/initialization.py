@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from ._workers import layer_workers, ordered_map
 from .calibration import ForwardFn, collect_activation_stats
 from .config import AccumulatorKind, AstraConfig
 from .layers import check_supported, full_weight, layer_digest, lora_layers, out_in_dims
@@ -27,7 +28,7 @@ class LayerReport:
     rank: int
     tokens: int
     source: AccumulatorKind  # where the statistic came from
-    selection: Selection
+    selection: Optional[Selection]  # set once the layer is decomposed
 
 
 @dataclass
@@ -132,34 +133,35 @@ def initialize_astra_weights(
     reshard(peft_model)  # FSDP2 keeps the root unit unsharded after calibration's forward: write the shards
     start = time.perf_counter()
     bases = {}
+
+    def statistics():  # made on this thread, in order (a ZeRO-3 / FSDP2 gather is collective), one layer at a time
+        for name, layer in layers.items():
+            base = layer.get_base_layer()
+            d_out, d_in = out_in_dims(base)
+            r = layer.r[adapter_name]
+            tokens = stats.tokens(name)
+            _check_tokens(name, tokens, d_out, d_in, config)
+            with full_weight(base) as (w, bias):  # whole, even where ZeRO-3 / FSDP2 shard it
+                if stats.factored(name):  # input statistics: F·G·Fᵀ with F the weight, decomposed without forming it
+                    statistic = stats.output_factors(name, config.statistic, w, bias)
+                else:
+                    statistic = stats.output_statistic(name, config.statistic, w, bias)
+            yield LayerReport(name, d_out, d_in, r, tokens, stats.source(name), None), statistic
+
+    def decompose(job):
+        info, statistic = job
+        return select_eigenvectors(statistic, info.rank, config, info.name)
+
+    on_cuda = any(a.gram.is_cuda for a in stats.accumulators) or any(
+        p.is_cuda for layer in layers.values() for p in layer.get_base_layer().parameters(recurse=False))
+    workers = layer_workers((out_in_dims(layer.get_base_layer()) for layer in layers.values()), on_cuda)
     # One bar over the layers: on a large model this phase takes minutes and would otherwise be silent.
-    for name, layer in tqdm(layers.items(), total=len(layers), desc="eigendecomposition", unit="layer",
-                            disable=not config.show_progress):
-        base = layer.get_base_layer()
-        d_out, d_in = out_in_dims(base)
-        r = layer.r[adapter_name]
-        tokens = stats.tokens(name)
-        # The statistic of y = Wx + b has rank ≤ min(d_out, d_in) (+1 for the uncentred moments, through b)
-        # whatever the data; only below that bound does a short calibration show as extra zero eigenvalues.
-        centred = config.statistic == "covariance"
-        bound = min(d_out, d_in if centred else d_in + 1)
-        needed = bound + 1 if centred else bound
-        if config.eigen_selection != "largest" and tokens < needed:
-            raise ValueError(
-                f"Layer '{name}' saw {tokens} calibration tokens, but its {config.statistic} can have rank "
-                f"{bound} (d_out={d_out}, d_in={d_in}): with fewer tokens the low end of the spectrum is an "
-                f"artefact of too little data. Use at least {needed} non-padding tokens (more calibration "
-                "samples or longer ones)."
-            )
-        with full_weight(base) as (w, bias):  # whole, even where ZeRO-3 / FSDP2 shard it
-            if stats.factored(name):  # input statistics: F·G·Fᵀ with F the weight, decomposed without forming it
-                statistic = stats.output_factors(name, config.statistic, w, bias)
-            else:
-                statistic = stats.output_statistic(name, config.statistic, w, bias)
-        q, selection = select_eigenvectors(statistic, r, config, name)
-        del statistic
-        bases[name] = q
-        report.layers.append(LayerReport(name, d_out, d_in, r, tokens, stats.source(name), selection))
+    with tqdm(total=len(layers), desc="eigendecomposition", unit="layer", disable=not config.show_progress) as bar:
+        for (info, _), (q, selection) in ordered_map(decompose, statistics(), workers):
+            bases[info.name] = q
+            info.selection = selection
+            report.layers.append(info)
+            bar.update()
     report.decomposition_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -167,6 +169,21 @@ def initialize_astra_weights(
         _write(layer, adapter_name, bases.pop(name), name)
     report.write_seconds = time.perf_counter() - start
     return report
+
+
+def _check_tokens(name: str, tokens: int, d_out: int, d_in: int, config: AstraConfig) -> None:
+    # The statistic of y = Wx + b has rank ≤ min(d_out, d_in) (+1 for the uncentred moments, through b)
+    # whatever the data; only below that bound does a short calibration show as extra zero eigenvalues.
+    centred = config.statistic == "covariance"
+    bound = min(d_out, d_in if centred else d_in + 1)
+    needed = bound + 1 if centred else bound
+    if config.eigen_selection != "largest" and tokens < needed:
+        raise ValueError(
+            f"Layer '{name}' saw {tokens} calibration tokens, but its {config.statistic} can have rank "
+            f"{bound} (d_out={d_out}, d_in={d_in}): with fewer tokens the low end of the spectrum is an "
+            f"artefact of too little data. Use at least {needed} non-padding tokens (more calibration "
+            "samples or longer ones)."
+        )
 
 
 def _check_layers(layers: dict, adapter_name: str) -> None:

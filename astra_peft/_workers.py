@@ -1,0 +1,76 @@
+"""Decomposing several layers at once on CPU, each on one thread.
+
+A layer's decomposition is a chain of small dense operations (d ≤ a few thousand): a Householder reduction that is
+half matrix-vector work, a QR, a few products. Split over threads inside each operation (torch's intra-op
+parallelism, the BLAS's threads) they scale poorly, and every operation ends in a barrier where the threads of one
+library spin while the other's run: at 2 threads SmolLM2's decomposition took longer in wall time than at 1
+(benchmarks/README.md, issue 18). Layers are independent, so the threads are better spent one layer each: the
+LAPACK and torch calls release the GIL. Results come back in the layers' order, so what is reported and written
+does not depend on which thread finished first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Layers larger than this are decomposed one at a time with every thread inside each operation: there the operations
+# are large enough to use them, and only one layer's float64 working set (a few d × d matrices) is held at a time.
+MAX_PARALLEL_DIM = 2048
+# At most this many layers in flight: each holds its float64 statistic and the decomposition's copies of it
+# (≈ 3·d²·8 bytes, ≤ 100 MB at MAX_PARALLEL_DIM), so memory stays within a few hundred MB however many cores.
+MAX_WORKERS = 8
+
+
+def layer_workers(dims: Iterable[tuple[int, int]], on_cuda: bool) -> int:
+    """How many layers to decompose at once: torch's thread count (capped) on CPU when every layer is small; 1 on
+    GPU, where one decomposition already fills the device, or when a layer exceeds MAX_PARALLEL_DIM."""
+    if on_cuda or any(max(d) > MAX_PARALLEL_DIM for d in dims):
+        return 1
+    return max(1, min(torch.get_num_threads(), MAX_WORKERS))
+
+
+@contextmanager
+def one_thread_per_op():
+    """torch's intra-op thread count set to 1 for the block (the workers are the parallelism), then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) in the order of `items`, with at most `workers` calls in flight.
+
+    `items` is consumed lazily on the calling thread (an item is made only when a slot is free, so at most
+    `workers` + 1 exist at once), and an exception of fn is raised here, in order, after the calls in flight have
+    finished: nothing runs on after the caller has seen it. With workers == 1 everything runs on the calling thread,
+    as a plain loop.
+    """
+    if workers <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    with one_thread_per_op(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astra-decompose") as pool:
+        pending: deque[tuple[T, Future]] = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(fn, item)))
+                if len(pending) >= workers:
+                    item0, done = pending.popleft()
+                    yield item0, done.result()
+            while pending:
+                item0, done = pending.popleft()
+                yield item0, done.result()
+        finally:
+            for _, future in pending:  # an error or an abandoned generator: start nothing more
+                future.cancel()
