@@ -39,11 +39,17 @@ def layer_workers(dims: Iterable[tuple[int, int]], on_cuda: bool) -> int:
 
 @contextmanager
 def one_thread_per_op():
-    """torch's intra-op thread count set to 1 for the block (the workers are the parallelism), then restored."""
+    """One thread inside each operation for the block (the workers are the parallelism), restored after: torch's
+    intra-op threads, and the BLAS that SciPy's LAPACK calls run on (OpenBLAS, its own thread pool). Left at
+    its default, each of two concurrent LAPACK calls asks OpenBLAS for every core, and the calls wait on each other's
+    spinning threads: a decomposition that took 6 s took 160 s once on this 2-core machine."""
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 
