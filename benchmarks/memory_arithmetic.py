@@ -14,7 +14,9 @@ What astra-peft holds (astra_peft/calibration.py, stats.py, spectrum.py, initial
 - the float64 (d_out x r) basis of every layer already decomposed, until the write phase (counted in full: an
   upper bound by one block's bases).
 - one layer's decomposition at a time, all float64, traced step by step in `layer_stages`; the peak is its largest
-  step. The write phase (W in fp32, B·A, W - s·B·A; `_write`) is a second transient, one layer at a time.
+  step. (On CPU with T > 1 torch threads and no layer wider than 2048, astra_peft/_workers.py decomposes up to
+  min(T, 8) layers side by side, one more being prepared: the SmolLM2 cross-check below says what that adds; every
+  7B-70B shape here has a wider layer, so those are decomposed one at a time as counted.) The write phase (W in fp32, B·A, W - s·B·A; `_write`) is a second transient, one layer at a time.
 Solver workspaces use LAPACK's dsyevd/dsyevr sizes; on a GPU torch calls cuSOLVER, whose workspace query is not
 modelled. Per-batch calibration transients (one fp32 Gram, the batch's rows in fp32, the forward's activations) are
 not counted for either library: they depend on the batch size, which part 4 does not fix.
@@ -262,7 +264,9 @@ def main():
     print(f"Cross-check: SmolLM2-135M Grams {smol['grams']:,} B; part 1 measured stats_bytes {PART1_STATS_BYTES:,} B: "
           f"{'match' if smol['grams'] == PART1_STATS_BYTES else 'MISMATCH'}. CPU-path peak above the model by this "
           f"arithmetic: {smol['astra_cpu'] / 1e6:.0f} MB (Grams {smol['grams'] / 1e6:.0f} + bases "
-          f"{smol['bases'] / 1e6:.0f} + one layer {max(smol['decomp_cpu'], smol['write']) / 1e6:.0f}).")
+          f"{smol['bases'] / 1e6:.0f} + one layer {max(smol['decomp_cpu'], smol['write']) / 1e6:.0f}) at one thread; "
+          f"at T threads up to min(T, 8) + 1 layers' decomposition transients ({smol['decomp_cpu'] / 1e6:.0f} MB "
+          f"each) are alive at once (astra_peft/_workers.py), {smol['decomp_cpu'] * 2 / 1e6:.0f} MB more at 2 threads.")
     flops(TOKENS)
 
 
