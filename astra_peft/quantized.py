@@ -162,8 +162,8 @@ def save_for_quantized_base(peft_model: PeftModel, output_dir, adapter_name: str
         `output_dir` as a Path.
 
     Raises:
-        ValueError: if the adapter was not initialised by Astra (its base is the original model: quantize that
-            directly), or `output_dir` is a non-empty folder (nothing is overwritten).
+        ValueError: if the adapter was not initialised by Astra, or with factor_init='zero_a' (its base is the
+            original model: quantize that directly), or `output_dir` is a non-empty folder (nothing is overwritten).
     """
     layers = lora_layers(peft_model, adapter_name)
     if not layers:
@@ -173,7 +173,9 @@ def save_for_quantized_base(peft_model: PeftModel, output_dir, adapter_name: str
         raise ValueError(
             f"Layer '{plain[0]}' of adapter '{adapter_name}' was not initialised by Astra, so its base is not a "
             "residual: run initialize_astra_weights on the full-precision model first (or, for plain QLoRA, "
-            "load the original model in 4-bit directly)."
+            "load the original model in 4-bit directly). An adapter initialised with AstraConfig(factor_init="
+            "'zero_a') has no residual either (its base is the original model): save it with save_pretrained and "
+            "load it onto the original model quantized in 4-bit."
         )
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -338,12 +340,20 @@ def initialize_astra_on_quantized(
         TypeError: if a target layer's base is not a bitsandbytes 4-bit layer (use `initialize_astra_weights`
             on a full-precision base).
         ValueError: if `original_model` is a PeftModel or does not match the quantized model (a layer missing,
-            another shape, or weights farther from the dequantized ones than 4-bit rounding explains), or as
-            `initialize_astra_weights`.
+            another shape, or weights farther from the dequantized ones than 4-bit rounding explains), if
+            `astra_config.factor_init` is not 'exact' (this route sets A itself), or as `initialize_astra_weights`.
     """
     layers = lora_layers(peft_model, adapter_name)
     if not layers:
         raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
+    if astra_config is not None and astra_config.factor_init != "exact":
+        # This route keeps only Astra's Q and computes its own A from the quantization error: a rescaled or zero A
+        # would be silently replaced, so the experimental variants are refused here.
+        raise ValueError(
+            f"initialize_astra_on_quantized does not support factor_init={astra_config.factor_init!r}: its A is "
+            "Qᵀ(W − deq(W₄))/s whatever factor_init says. Use factor_init='exact' here, or the residual route "
+            "(initialize_astra_weights on the full-precision model, then quantize_astra_model) for 'lora_scale'."
+        )
     if isinstance(original_model, PeftModel) or lora_layers(original_model, adapter_name):
         raise ValueError("original_model must be the plain full-precision model, not a PeftModel.")
     for name, layer in layers.items():

@@ -284,6 +284,21 @@ def phases() -> dict[str, Phase]:
                                          f"{largest}:null_space=exclude"]),
         "ablation-calibration": ablation(["astra", "astra:calibration_data=xsum", largest,
                                           f"{largest}:calibration_data=xsum"]),
+        # Issue 15 §6, pre-registered in docs/results.md ("phase `variants`"): `largest`'s B = Q with A rescaled to
+        # LoRA's initial size (S, factor_init=lora_scale) or with A = 0 and W untouched (D, factor_init=zero_a), at
+        # the SHARED adapter rate, every task, seed by seed, beside LoRA, PiSSA and LoRA-GA at their tuned rates. A
+        # phase writes one folder (unpacked before and packed after each command), so `variants` is two phases,
+        # one per folder: run_study.py variants-nlu variants-nlg.
+        **{f"variants-{kind}": Phase(
+            lambda cfg=cfg, tasks=tasks, tune=tune, out=out: (
+                compare(cfg, [task], specs([f"{largest}:factor_init={f}" for f in ("lora_scale", "zero_a")], tune),
+                        seed, out) for seed in SEEDS.split(",") for task in tasks),
+            out, tasks=tasks, methods=lambda tune=tune, own=own, own_tune=own_tune: with_own_rates(specs(
+                [f"{largest}:factor_init={f}" for f in ("lora_scale", "zero_a")]
+                + ["lora", "astra", largest, "pissa", "lora-ga"], tune, strict=False, own=own), [largest], own_tune))
+           for kind, cfg, tasks, tune, out, own, own_tune in (
+               ("nlu", NLU, NLU_TASKS, "nlu-lr", "nlu-main", (), "nlu-lr-largest"),
+               ("nlg", NLG, NLG_TASKS, "nlg-lr", "nlg-main", OWN_FAMILY_NLG, "nlg-lr-largest"))},
         "effective-rank": Phase(effective_rank, "effective-rank"),
         **{f"forgetting-{task}": Phase(lambda task=task: forgetting(task), f"forgetting-{task}")
            for task in FORGET_TASKS},

@@ -108,9 +108,23 @@ class Method:
     data: Optional[DataNeed] = None  # None: the method looks at no data before training
     peft: bool = True  # False only for full fine-tuning
     base: BaseRebuild = BaseRebuild.KEEP
+    # Where a spec option changes what the init does to the base (Astra's factor_init='zero_a' rewrites nothing):
+    # spec -> BaseRebuild. None: `base` whatever the spec.
+    base_for: Optional[Callable[[Any], BaseRebuild]] = None
 
     def __post_init__(self):
         check_choices(self)
+
+    def rebuild(self, spec=None) -> BaseRebuild:
+        """What this method's initialisation, configured by `spec` (a parsed `specs.MethodSpec`), does to the base.
+
+        Args:
+            spec: The parsed spec; None gives the method's declared `base`.
+
+        Returns:
+            The `BaseRebuild` that resuming from the initial adapter must apply.
+        """
+        return self.base_for(spec) if self.base_for is not None and spec is not None else self.base
 
     def option_types(self) -> dict[str, Any]:
         types: dict[str, Any] = dict(COMMON_OPTIONS) if self.peft else {"lr": float}
@@ -130,7 +144,8 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], type]] = None,
                     data: Optional[DataNeed] = None, peft: bool = True, base: BaseRebuild = BaseRebuild.KEEP,
-                    run_options: Optional[type] = None):
+                    run_options: Optional[type] = None,
+                    base_for: Optional[Callable[[Any], BaseRebuild]] = None):
     """Decorator: register `build(ctx, spec) -> BuiltModel` under `name`.
 
     Args:
@@ -145,6 +160,7 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
             initial adapter and compares the weights bit for bit.
         run_options: A dataclass whose fields are spec options the harness itself acts on (not fields of
             `config_cls`), e.g. Astra's ``rank_allocation``; its `__post_init__` validates them.
+        base_for: `base_for(spec) -> BaseRebuild` where a spec option changes `base` (see `Method.rebuild`).
 
     Returns:
         The decorator, which returns `build` unchanged.
@@ -158,7 +174,7 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
             except ImportError:  # the method still builds (and fails with the real error) when chosen
                 cls = None
         METHODS[name] = Method(name=name, help=help, build=build, config_cls=cls, data=data, peft=peft, base=base,
-                               run_options=run_options)
+                               run_options=run_options, base_for=base_for)
         return build
 
     return wrap
@@ -172,11 +188,12 @@ def build_method(spec, ctx: BuildContext) -> BuiltModel:
         ctx: The model and what the method may use to initialise it.
 
     Returns:
-        The adapted model, with wall times and the method's report; `mutates_base` from the method's `base`.
+        The adapted model, with wall times and the method's report; `mutates_base` from the method's `base`
+        (as `spec` configures it: `Method.rebuild`).
     """
     method = METHODS[spec.method]
     built = method.build(ctx, spec)
-    built.mutates_base = method.base.rewrites_base
+    built.mutates_base = method.rebuild(spec).rewrites_base
     return built
 
 
@@ -264,6 +281,12 @@ def _astra_config_cls():
     return AstraConfig
 
 
+def _astra_base(spec) -> BaseRebuild:
+    # factor_init='zero_a' (issue 15 §6, experimental) starts A = 0 and rewrites nothing: its adapter fits the
+    # original base, like LoRA's; every other factor_init takes s·B₀A₀ out of W in Astra's order.
+    return BaseRebuild.KEEP if spec.method_config().factor_init == "zero_a" else BaseRebuild.PRODUCT
+
+
 @register_method(
     "astra",
     "Astra: tail eigenvectors of the output-activation statistic (this package's core).",
@@ -271,6 +294,7 @@ def _astra_config_cls():
     data="activations",
     base=BaseRebuild.PRODUCT,
     run_options=AstraRunOptions,
+    base_for=_astra_base,
 )
 def _build_astra(ctx: BuildContext, spec) -> BuiltModel:
     from peft import get_peft_model

@@ -14,7 +14,7 @@ from .methods import METHODS
 
 
 @torch.no_grad()
-def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_base: Optional[bool] = None):
+def restore_initial_adapter(model: nn.Module, adapter_dir, method, mutates_base: Optional[bool] = None):
     """Rebuild what `build_method` made from its saved initial adapter, without calibrating again.
 
     A plain PeftModel with the saved weights and, for methods that rewrote the base, the base rebuilt as the
@@ -24,7 +24,8 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_
     Args:
         model: The original base model, freshly loaded (its weights untouched).
         adapter_dir: The folder `save_pretrained` wrote right after `build_method`.
-        method: The registered method name that built it.
+        method: The parsed `specs.MethodSpec` that built it, or its registered method name (then the method's
+            declared `base`, which a spec option such as Astra's factor_init=zero_a can change: pass the spec).
         mutates_base: What the run directory recorded (init.json); must agree with the method's declaration.
 
     Returns:
@@ -36,7 +37,9 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils.save_and_load import load_peft_weights
 
-    rebuild = METHODS[method].base
+    spec = None if isinstance(method, str) else method
+    method = method if spec is None else spec.method
+    rebuild = METHODS[method].rebuild(spec)
     if mutates_base is not None and mutates_base != rebuild.rewrites_base:
         raise ValueError(
             f"{adapter_dir}: the run recorded mutates_base={mutates_base}, but method {method!r} declares "

@@ -371,7 +371,7 @@ def _build_or_restore(spec, ctx: BuildContext, run: RunDir, fingerprint: str, is
     initial adapter also serves the plain-LoRA conversion at the end."""
     init_dir, meta = run.file(RunDir.ADAPTER_INIT), run.read_init()
     if meta and meta.get("fingerprint") == fingerprint and init_dir.is_dir():
-        model = restore_initial_adapter(ctx.model, init_dir, spec.method, meta["mutates_base"])
+        model = restore_initial_adapter(ctx.model, init_dir, spec, meta["mutates_base"])
         if meta["report"].get("allocation"):  # the ranks the run allocated, whatever adapter_config.json says now
             check_restored_ranks(model, meta["report"]["allocation"]["ranks"], str(init_dir))
         return BuiltModel(model, calibration_seconds=meta["calibration_seconds"], init_seconds=meta["init_seconds"],
