@@ -42,6 +42,7 @@ MODELS = {"smollm2-135m": (NLG, ABLATION_TASK), "minilm-l6": (NLU, "mr")}
 # `largest` only: what the default initialises there.
 OTHER_TASKS = {"smollm2-135m": [t for t in NLG_TASKS if t != ABLATION_TASK],
                "minilm-l6": [t for t in NLU_TASKS if t != "mr"]}
+STUDY_FOLDERS = {"smollm2-135m": "nlg-main", "minilm-l6": "nlu-main"}  # where the study's Astra runs are packed
 SEED = 0  # the study's seed 0: which training rows calibrate, and `random`'s draw
 
 
@@ -125,6 +126,30 @@ def measure(model_name: str, task: str | None = None, selections=tuple(SELECTION
             "selections": list(selections), "layers": layers}
 
 
+def study_run_check(result: dict) -> str:
+    """Compare with what the study's own default Astra run (seed 0, same model and task) recorded at its
+    initialisation: the layers where `smallest` selected degenerate directions, and how many."""
+    import pack_runs
+
+    mine = {l["name"]: l["selected_degenerate"]["smallest"] for l in result["layers"]
+            if l["selected_degenerate"]["smallest"]}
+    folder = STUDY_FOLDERS[result["model"]]
+    for run in pack_runs.collect_runs(folder):
+        options = [p for p in run["method"].split(":")[1:] if not p.startswith("lr=")]
+        if (run["base_method"], run["model"], run["task"], run["seed"], options) != (
+                "astra", result["model"], result["task"], SEED, []):
+            continue
+        theirs = run["init_report"]["degenerate_layers"]
+        said = (f"The study's own `{run['method']}` run (`{folder}`, seed {SEED}) recorded {sum(theirs.values())} "
+                f"degenerate directions in {len(theirs)} layers at its initialisation: ")
+        if theirs == mine:
+            return said + "the same layers and counts as here."
+        differ = sorted(set(theirs) | set(mine), key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")])
+        return said + "; ".join(f"{n} {theirs.get(n, 0)} there, {mine.get(n, 0)} here"
+                                for n in differ if theirs.get(n, 0) != mine.get(n, 0)) + "."
+    return f"No default Astra run of the study at seed {SEED} on `{result['task']}` in `{folder}` to compare with."
+
+
 def _span(values) -> str:
     return f"{min(values)}–{max(values)}" if min(values) != max(values) else f"{min(values)}"
 
@@ -182,7 +207,21 @@ def tables(result: dict) -> list[str]:
         out += ["", "All r selected directions degenerate in a layer with d_out ≤ d_in (no structural zeros): "
                 + "; ".join(f"{l['name']} ({l['n_degenerate']} degenerate eigenvalues, ‖A‖ / ‖A_largest‖ "
                             f"{l['a_norm']['smallest'] / l['a_norm']['largest']:.2e})" for l in odd) + "."]
-    return out
+    wide = [l for l in result["layers"] if l["d_out"] > l["d_in"]]
+    if wide:
+        def ratio(l):
+            return l["a_norm"]["smallest"] / l["a_norm"]["largest"]
+
+        exact = [ratio(l) for l in wide if l["n_degenerate"] == l["d_out"] - l["d_in"]]
+        more = [ratio(l) for l in wide if l["n_degenerate"] > l["d_out"] - l["d_in"]]
+        line = (f"Layers with d_out > d_in: {len(exact)} of {len(wide)} have exactly d_out − d_in degenerate "
+                f"eigenvalues (W's left null space)" + (f", ‖A‖ / ‖A_largest‖ at most {max(exact):.2e}" if exact else ""))
+        if more:
+            span = f"{min(more):.2e}–{max(more):.2e}" if len(more) > 1 else f"{more[0]:.2e}"
+            line += (f"; {len(more)} {'has' if len(more) == 1 else 'have'} more (a direction degenerate through the "
+                     f"data as well), ‖A‖ / ‖A_largest‖ {span}")
+        out += ["", line + "."]
+    return out + ["", study_run_check(result)]
 
 
 def main():
