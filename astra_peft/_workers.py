@@ -54,29 +54,29 @@ def one_thread_per_op():
         torch.set_num_threads(before)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
-    """(item, fn(item)) in the order of `items`, with at most `workers` calls in flight.
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """fn(item) for each of `items`, in their order, with at most `workers` calls in flight.
 
-    `items` is consumed lazily on the calling thread (an item is made only when a slot is free, so at most
-    `workers` + 1 exist at once), and an exception of fn is raised here, in order, after the calls in flight have
-    finished: nothing runs on after the caller has seen it. With workers == 1 everything runs on the calling thread,
-    as a plain loop.
+    `items` is consumed lazily on the calling thread (an item is made only when a slot is free), and only the
+    futures are kept: an item (a layer's float64 statistic) is freed as soon as its call returns, so at most
+    `workers` + 1 exist at once. An exception of fn is raised here, in order, after the calls in flight have
+    finished: nothing runs on after the caller has seen it. With workers == 1 everything runs on the calling
+    thread, as a plain loop.
     """
     if workers <= 1:
         for item in items:
-            yield item, fn(item)
+            yield fn(item)
         return
     with one_thread_per_op(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astra-decompose") as pool:
-        pending: deque[tuple[T, Future]] = deque()
+        pending: deque[Future] = deque()
         try:
             for item in items:
-                pending.append((item, pool.submit(fn, item)))
+                pending.append(pool.submit(fn, item))
+                del item
                 if len(pending) >= workers:
-                    item0, done = pending.popleft()
-                    yield item0, done.result()
+                    yield pending.popleft().result()
             while pending:
-                item0, done = pending.popleft()
-                yield item0, done.result()
+                yield pending.popleft().result()
         finally:
-            for _, future in pending:  # an error or an abandoned generator: start nothing more
+            for future in pending:  # an error or an abandoned generator: start nothing more
                 future.cancel()

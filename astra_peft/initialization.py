@@ -166,19 +166,20 @@ def initialize_astra_weights(
                 else:
                     statistic = stats.output_statistic(name, config.statistic, w, bias)
             yield LayerReport(name, d_out, d_in, r, tokens, stats.source(name), None), statistic
+            del statistic  # not held while the next one is made: the worker's call owns it now
 
     def decompose(job):
         info, statistic = job
-        return select_eigenvectors(statistic, info.rank, config, info.name)
+        q, info.selection = select_eigenvectors(statistic, info.rank, config, info.name)
+        return info, q
 
     on_cuda = any(a.gram.is_cuda for a in stats.accumulators) or any(
         p.is_cuda for layer in layers.values() for p in layer.get_base_layer().parameters(recurse=False))
     workers = layer_workers((out_in_dims(layer.get_base_layer()) for layer in layers.values()), on_cuda)
     # One bar over the layers: on a large model this phase takes minutes and would otherwise be silent.
     with tqdm(total=len(layers), desc="eigendecomposition", unit="layer", disable=not config.show_progress) as bar:
-        for (info, _), (q, selection) in ordered_map(decompose, statistics(), workers):
+        for info, q in ordered_map(decompose, statistics(), workers):
             bases[info.name] = q
-            info.selection = selection
             report.layers.append(info)
             bar.update()
     report.decomposition_seconds = time.perf_counter() - start
