@@ -43,7 +43,8 @@ NLU_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "rslora", "dora
 NLG_METHODS = ["astra", "astra:eigen_selection=largest", "lora", "pissa", "milora", "corda", "lora-ga", "full"]
 NLG_PAIRS = NLG_METHODS[:3]
 TUNE_METRIC = {"nlu-lr": "accuracy", "nlu-lr-largest": "accuracy", "nlg-lr": "loss", "nlg-lr-largest": "loss",
-               "nlg-lr-baselines": "loss", "nlg-lr-selections": "loss", "nlg-lr-ranks": "loss"}
+               "nlg-lr-baselines": "loss", "nlg-lr-selections": "loss", "nlg-lr-ranks": "loss",
+               "long-lr-nlu": "accuracy", "long-lr-nlg": "loss"}
 # On SmolLM2, `largest` needed a rate 20x below LoRA's: a method that starts in W's principal directions (PiSSA) or
 # rescales its factors (CorDA, LoRA-GA) is its own family there and gets its own tuned rate. MiLoRA starts in the
 # minor singular directions, as Astra-smallest does in the tail, and shares LoRA's and Astra's rate.
@@ -60,6 +61,11 @@ SEEDS = "0,1,2"
 FORGET_TASKS = ["social-iqa", "math-qa"]
 FORGET_METHODS = ["lora", "astra", "pissa", "milora", "corda", "corda:corda_method=kpm", "lora-ga", "full"]
 FORGET_FLAGS = ["--forgetting-data", "xsum", "--forgetting-samples", "32", "--forgetting-max-length", "256"]
+# Issue 15 §2: does the ranking survive 5x the training budget? One learned task of each kind, the four methods
+# whose order the verdicts rest on, each tuned on its own at that budget (dev, seed 0), then 3 seeds on test.
+# Cost on one core (runs scale with steps): mr ~7.5 min a run, social-iqa ~12; 24 + 24 runs, about 8 hours.
+LONG = {"nlu": (dict(NLU, steps=5 * NLU["steps"]), "mr"), "nlg": (dict(NLG, steps=5 * NLG["steps"]), "social-iqa")}
+LONG_METHODS = ["lora", "astra", "astra:eigen_selection=largest", "pissa"]
 EFFECTIVE_RANK = [(NLU, "mr", "nlu-lr"), (NLG, "social-iqa", "nlg-lr")]  # one task of each kind
 # learning-rate grids, tuned per method family on the dev split of one task, seed 0
 ADAPTER_LRS = ["1e-4", "5e-4", "2e-3"]
@@ -300,6 +306,15 @@ def phases() -> dict[str, Phase]:
                ("nlu", NLU, NLU_TASKS, "nlu-lr", "nlu-main", (), "nlu-lr-largest"),
                ("nlg", NLG, NLG_TASKS, "nlg-lr", "nlg-main", OWN_FAMILY_NLG, "nlg-lr-largest"))},
         "effective-rank": Phase(effective_rank, "effective-rank"),
+        # Issue 15 §2 (see LONG): each method's rate re-tuned at 5x the steps, then every seed at that rate
+        **{f"long-lr-{kind}": Phase(lambda kind=kind: tuning(LONG[kind][0], LONG[kind][1], f"long-lr-{kind}",
+                                                            families=tuple((m,) for m in LONG_METHODS)),
+                                    f"long-lr-{kind}")
+           for kind in LONG},
+        **{f"long-main-{kind}": Phase(lambda kind=kind: (
+            compare(LONG[kind][0], [LONG[kind][1]], [own_lr(m, f"long-lr-{kind}") for m in LONG_METHODS], seed,
+                    f"long-main-{kind}") for seed in SEEDS.split(",")), f"long-main-{kind}")
+           for kind in LONG},
         **{f"forgetting-{task}": Phase(lambda task=task: forgetting(task), f"forgetting-{task}")
            for task in FORGET_TASKS},
     }
