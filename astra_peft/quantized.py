@@ -18,6 +18,10 @@ route's error is about plain QLoRA's (the tail part s·B·A it keeps in full pre
 QPiSSA's only with eigen_selection="largest" and lora_alpha = r (W − s·QQᵀW removes the principal output
 directions at s = 1; at other s it keeps them, scaled by 1 − s). The native route is never worse than QLoRA,
 layer by layer.
+
+The native route's code lives in `_quantized_native.py` and the 4-bit layer helpers (`is_4bit`,
+`dequantized_weight`, `base_weight`, `disable_cpu_weight_packing`) in `_bnb4bit.py`; both are re-exported here, so
+every name above is imported from `astra_peft.quantized`.
 """
 
 from __future__ import annotations
@@ -28,30 +32,33 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 
-from .calibration import ForwardFn
-from .config import AstraConfig
-from .initialization import AstraReport, initialize_astra_weights
-from .layers import canonical_name, lora_layers, out_in_dims, weight_matrix
+from ._bnb4bit import _bnb, base_weight, dequantized_weight, disable_cpu_weight_packing, is_4bit
+from ._quantized_native import initialize_astra_on_quantized
+from .layers import canonical_name, lora_layers
+
+__all__ = [
+    "ADAPTER_DIR",
+    "MANIFEST",
+    "RESIDUAL_DIR",
+    "base_weight",
+    "dequantized_weight",
+    "disable_cpu_weight_packing",
+    "effective_weight",
+    "initialize_astra_on_quantized",
+    "is_4bit",
+    "load_on_quantized_base",
+    "nf4_config",
+    "quantization_error",
+    "quantize_astra_model",
+    "save_for_quantized_base",
+]
 
 RESIDUAL_DIR = "residual_base"
 ADAPTER_DIR = "adapter"
 MANIFEST = "astra_quantized.json"
-# nf4 rounding moves a weight by ~10 % (relative Frobenius); far beyond that, the "original" model given to
-# the native route is not the one the 4-bit model was quantized from.
-_MISMATCH_RTOL = 0.5
-
-
-def _bnb():
-    try:
-        import bitsandbytes
-    except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "A 4-bit base needs bitsandbytes: pip install 'astra-peft[integrations]' (or bitsandbytes)."
-        ) from err
-    return bitsandbytes
 
 
 def nf4_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = False,
@@ -72,76 +79,6 @@ def nf4_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                               bnb_4bit_use_double_quant=double_quant, llm_int8_skip_modules=skip_modules)
 
-
-def is_4bit(layer: nn.Module) -> bool:
-    """Whether `layer` is a bitsandbytes 4-bit linear layer (not PEFT's LoRA wrapper around one)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(layer, bnb.nn.Linear4bit)
-
-
-def disable_cpu_weight_packing(model: nn.Module) -> int:
-    """Keep every 4-bit layer of `model` in bitsandbytes' standard layout, so training backpropagates.
-
-    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a `Linear4bit` weight at its first forward in eval
-    mode without gradients, permanently, and computes it with a bf16 kernel. After that, a training forward
-    calls a kernel without autograd support: no gradient reaches the layers before it (PyTorch only warns),
-    and `bnb.functional.dequantize_4bit` (PEFT's merge) reads the packed bytes as garbage. This undoes any
-    packing already done and switches it off on every 4-bit layer (forward then dequantizes to the compute
-    dtype, as on GPU). Packing also rounds the block scales to bfloat16 (≤ 2⁻⁹ relative), which unpacking cannot
-    undo: call this before the first forward (the loaders in this module do).
-
-    Args:
-        model: any model; layers that are not bitsandbytes `Linear4bit` are left alone.
-
-    Returns:
-        The number of 4-bit layers seen.
-    """
-    count = 0
-    for module in model.modules():
-        if is_4bit(module):
-            _unpack(module)
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
-
-
-def _unpack(layer: nn.Module) -> None:
-    weight = layer.weight
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        state = weight.quant_state
-        if not state.nested and state.absmax.dtype != torch.float32:  # the packing left the scales in bf16
-            state.absmax = state.absmax.to(torch.float32)
-
-
-def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The (d_out, d_in) float32 weight a bitsandbytes `Linear4bit` layer computes with.
-
-    Args:
-        layer: a bitsandbytes `Linear4bit` (a CPU-packed one is unpacked first, see
-            `disable_cpu_weight_packing`).
-
-    Returns:
-        The dequantized weight, float32.
-
-    Raises:
-        TypeError: if `layer` is not a bitsandbytes 4-bit layer.
-    """
-    if not is_4bit(layer):
-        raise TypeError(f"Expected a bitsandbytes Linear4bit layer, got {type(layer).__name__}.")
-    _unpack(layer)
-    deq = _bnb().functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    return deq.to(torch.float32).reshape(layer.out_features, layer.in_features)
-
-
-def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The (d_out, d_in) float32 weight a (possibly 4-bit) base layer computes with."""
-    return dequantized_weight(layer) if is_4bit(layer) else weight_matrix(layer).detach().to(torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- residual route
@@ -303,102 +240,6 @@ def quantize_astra_model(peft_model: PeftModel, output_dir, quantization_config=
     """
     save_for_quantized_base(peft_model, output_dir, adapter_name)
     return load_on_quantized_base(output_dir, quantization_config, **load_kwargs)
-
-
-# --------------------------------------------------------------------------------------------- native route
-def initialize_astra_on_quantized(
-    peft_model: PeftModel,
-    original_model: nn.Module,
-    dataloader: Iterable,
-    astra_config: Optional[AstraConfig] = None,
-    *,
-    forward_fn: Optional[ForwardFn] = None,
-    adapter_name: str = "default",
-) -> AstraReport:
-    """Astra's subspace on an untouched 4-bit base, the adapter absorbing part of the quantization error.
-
-    For each target layer: Q = Astra's eigenvectors from the statistics of the QUANTIZED forward (calibrated
-    on a full-precision copy of `original_model` holding the dequantized weights, which computes exactly what
-    the 4-bit model computes in float32), then B = Q and A = Qᵀ(W − deq(W₄))/s. The base stays the original
-    4-bit weights; the layer computes deq(W₄) + Q·Qᵀ(W − deq(W₄)), whose error (I − QQᵀ)(W − deq(W₄)) is, for
-    every input, no larger than plain QLoRA's. Unlike Astra, A does not start at QᵀW; the saved adapter is a
-    plain LoRA of the original 4-bit base (no residual to keep). Holds one extra full-precision copy of the
-    model during the call. Every check runs before the adapter is written.
-
-    Args:
-        peft_model: a PeftModel whose base was loaded in 4-bit (bitsandbytes) from `original_model`'s weights.
-        original_model: the plain full-precision model it was quantized from (read, never modified).
-        dataloader: calibration batches, as for `initialize_astra_weights`.
-        astra_config: the Astra choices (eigenvector selection, statistic, ...).
-        forward_fn: how to run a batch, as for `initialize_astra_weights`.
-        adapter_name: the adapter to initialise.
-
-    Returns:
-        The `AstraReport` of the eigenvector selection.
-
-    Raises:
-        TypeError: if a target layer's base is not a bitsandbytes 4-bit layer (use `initialize_astra_weights`
-            on a full-precision base).
-        ValueError: if `original_model` is a PeftModel or does not match the quantized model (a layer missing,
-            another shape, or weights farther from the dequantized ones than 4-bit rounding explains), if
-            `astra_config.factor_init` is not 'exact' (this route sets A itself), or as `initialize_astra_weights`.
-    """
-    layers = lora_layers(peft_model, adapter_name)
-    if not layers:
-        raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
-    if astra_config is not None and astra_config.factor_init != "exact":
-        # This route keeps only Astra's Q and computes its own A from the quantization error: a rescaled or zero A
-        # would be silently replaced, so the experimental variants are refused here.
-        raise ValueError(
-            f"initialize_astra_on_quantized does not support factor_init={astra_config.factor_init!r}: its A is "
-            "Qᵀ(W − deq(W₄))/s whatever factor_init says. Use factor_init='exact' here, or the residual route "
-            "(initialize_astra_weights on the full-precision model, then quantize_astra_model) for 'lora_scale'."
-        )
-    if isinstance(original_model, PeftModel) or lora_layers(original_model, adapter_name):
-        raise ValueError("original_model must be the plain full-precision model, not a PeftModel.")
-    for name, layer in layers.items():
-        base = layer.get_base_layer()
-        if not is_4bit(base):
-            raise TypeError(
-                f"Layer '{name}' is a {type(base).__name__}, not a bitsandbytes 4-bit layer: this route is for a "
-                "4-bit base; on a full-precision base use initialize_astra_weights."
-            )
-    shadow = copy.deepcopy(original_model)
-    shadow_modules = {canonical_name(n): m for n, m in shadow.named_modules()}
-    originals = {}
-    for name, module in peft_model.named_modules():
-        if not is_4bit(module):
-            continue
-        name = canonical_name(name)
-        target = shadow_modules.get(name)
-        if not isinstance(target, nn.Linear) or out_in_dims(target) != (module.out_features, module.in_features):
-            raise ValueError(f"original_model has no {module.out_features}x{module.in_features} nn.Linear "
-                             f"'{name}' matching the quantized layer: pass the model it was quantized from.")
-        w, deq = target.weight.detach().to(torch.float32).clone(), dequantized_weight(module)
-        rel = float((deq - w).norm() / w.norm().clamp_min(1e-30))
-        if rel > _MISMATCH_RTOL:
-            raise ValueError(f"Layer '{name}': the quantized weight is {rel:.2f} (relative) away from original_model's, "
-                             "far beyond 4-bit rounding: pass the model it was quantized from.")
-        target.weight.data.copy_(deq.to(target.weight.dtype))
-        originals[name] = (w, deq)
-    shadow_config = copy.deepcopy(peft_model.peft_config[adapter_name])
-    shadow_config.init_lora_weights = True
-    shadow_config.inference_mode = False
-    shadow_config.base_model_name_or_path = shadow.__dict__.get("name_or_path") or None  # (else PEFT warns)
-    shadow_peft = get_peft_model(shadow, shadow_config)
-    report = initialize_astra_weights(shadow_peft, dataloader, astra_config, forward_fn=forward_fn)
-    factors = {}
-    for name, shadow_layer in lora_layers(shadow_peft, "default").items():
-        q = shadow_layer.lora_B["default"].weight.detach().to(torch.float32)
-        w, deq = originals[name]
-        factors[name] = (q.T @ (w - deq) / layers[name].scaling[adapter_name], q)
-    del shadow_peft, shadow
-    for name, (a, b) in factors.items():
-        lora_a, lora_b = layers[name].lora_A[adapter_name].weight, layers[name].lora_B[adapter_name].weight
-        lora_a.data.copy_(a.to(device=lora_a.device, dtype=lora_a.dtype))
-        lora_b.data.copy_(b.to(device=lora_b.device, dtype=lora_b.dtype))
-    disable_cpu_weight_packing(peft_model)
-    return report
 
 
 # ------------------------------------------------------------------------------------------------ measuring
