@@ -1,7 +1,8 @@
 """What `astra methods` lists — each method's name, one-line help and spec options — without importing torch or PEFT.
 
-The method registry (`method_registry.py`, filled by `methods.py` and `baselines.py`) is the source of truth, but building it imports torch and reading PEFT's
-config classes (EvaConfig, CordaConfig, LoraGAConfig) imports PEFT: 15 s or more on a busy machine, for a listing.
+The method registry (`method_registry.py`, filled by `methods.py` and `baselines.py`) is the source of truth, but
+building it imports torch and reading PEFT's config classes (EvaConfig, CordaConfig, LoraGAConfig) imports PEFT:
+15 s or more on a busy machine, for a listing.
 So the listing is written out here, and `tests/test_cli_startup.py` fails if it differs in any way from the
 registry (names, order, help, data, options), so the two cannot drift apart silently. Astra's options are read
 from `AstraConfig` itself, which is light.
