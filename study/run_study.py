@@ -315,6 +315,11 @@ def phases() -> dict[str, Phase]:
             compare(LONG[kind][0], [LONG[kind][1]], [own_lr(m, f"long-lr-{kind}") for m in LONG_METHODS], seed,
                     f"long-main-{kind}") for seed in SEEDS.split(",")), f"long-main-{kind}")
            for kind in LONG},
+        # Issue 15 §2's other half: are strategyqa-yn and nli unlearned for want of budget? LoRA at the shared NLU
+        # rate, 5x the steps, seed 0, test (about 5 and 20 min on one core)
+        "long-unlearned": Phase(lambda: iter([compare(LONG["nlu"][0], ["strategyqa-yn", "nli"],
+                                                      specs(["lora"], "nlu-lr"), "0", "long-unlearned")]),
+                                "long-unlearned"),
         **{f"forgetting-{task}": Phase(lambda task=task: forgetting(task), f"forgetting-{task}")
            for task in FORGET_TASKS},
     }
