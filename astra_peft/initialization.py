@@ -185,12 +185,10 @@ def initialize_astra_weights(
     report.decomposition_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    infos = {info.name: info for info in report.layers}
-    for name, layer in layers.items():
-        info = infos[name]
+    for info in report.layers:  # the layers' order (ordered_map keeps it)
         all_degenerate = info.selection.n_selected_degenerate == info.rank
-        info.a_scale, info.a_unscaled = _write(layer, adapter_name, bases.pop(name), name, config.factor_init,
-                                               all_degenerate)
+        info.a_scale, info.a_unscaled = _write(layers[info.name], adapter_name, bases.pop(info.name), info.name,
+                                               config.factor_init, all_degenerate)
     report.write_seconds = time.perf_counter() - start
     return report
 
