@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import forgetting_results  # noqa: E402
+import seeds5_results  # noqa: E402
 import pack_runs  # noqa: E402
 import run_study  # noqa: E402
 from paired_stats import BOOTSTRAP, paired_effect as _paired_effect, sign_test as _sign_test  # noqa: E402
@@ -216,6 +217,8 @@ def main():
         return sum(seconds for name, seconds in walls.items() if name in table and table[name].folder == folder)
 
     for name, phase in table.items():
+        if name.startswith("seeds5-"):  # pooled with the main folders' seeds in their own section, at the end
+            continue
         if not phase.table:
             parts.append(f"## {name}\n\nOrders runs of `{phase.folder}` (its table shows them):\n")
             parts.append("```bash\n" + "\n".join(run_study.command_lines(phase)) + "\n```\n")
@@ -273,6 +276,7 @@ def main():
     forget = {task: run_study.phase_runs(table[f"forgetting-{task}"]) for task in run_study.FORGET_TASKS}
     first = table[f"forgetting-{run_study.FORGET_TASKS[0]}"]
     parts.append(forgetting_results.section(forget, FIGURES, order=_command_methods(first)))
+    parts.append(seeds5_results.section(table))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
     for folder in pack_runs.folders():

@@ -67,6 +67,10 @@ FORGET_FLAGS = ["--forgetting-data", "xsum", "--forgetting-samples", "32", "--fo
 LONG = {"nlu": (dict(NLU, steps=5 * NLU["steps"]), "mr"), "nlg": (dict(NLG, steps=5 * NLG["steps"]), "social-iqa")}
 LONG_METHODS = ["lora", "astra", "astra:eigen_selection=largest", "pissa"]
 EFFECTIVE_RANK = [(NLU, "mr", "nlu-lr"), (NLG, "social-iqa", "nlg-lr")]  # one task of each kind
+# Issue 15 §5: the comparisons the headline verdicts rest on (Astra's default against LoRA, and `largest` at its own
+# rate against the default) at two more seeds, in folders of their own so the main tables keep every method at the
+# same three seeds; study/seeds5_results.py pools them with seeds 0-2 of nlu-main / nlg-main.
+EXTRA_SEEDS = "3,4"
 # learning-rate grids, tuned per method family on the dev split of one task, seed 0
 ADAPTER_LRS = ["1e-4", "5e-4", "2e-3"]
 FULL_LRS = ["2e-5", "1e-4", "5e-4"]
@@ -306,6 +310,14 @@ def phases() -> dict[str, Phase]:
                ("nlu", NLU, NLU_TASKS, "nlu-lr", "nlu-main", (), "nlu-lr-largest"),
                ("nlg", NLG, NLG_TASKS, "nlg-lr", "nlg-main", OWN_FAMILY_NLG, "nlg-lr-largest"))},
         "effective-rank": Phase(effective_rank, "effective-rank"),
+        # Issue 15 §5 (see EXTRA_SEEDS): seed by seed, every task, the same commands as the main tables' but the seed
+        **{f"seeds5-{kind}": Phase(
+            lambda cfg=cfg, tasks=tasks, tune=tune, own_tune=own_tune, kind=kind: (
+                compare(cfg, [task], with_own_rates(specs(["astra", "lora"], tune), [largest], own_tune), seed,
+                        f"seeds5-{kind}") for seed in EXTRA_SEEDS.split(",") for task in tasks),
+            f"seeds5-{kind}", tasks=tasks, table=False)
+           for kind, cfg, tasks, tune, own_tune in (("nlu", NLU, NLU_TASKS, "nlu-lr", "nlu-lr-largest"),
+                                                    ("nlg", NLG, NLG_TASKS, "nlg-lr", "nlg-lr-largest"))},
         # Issue 15 §2 (see LONG): each method's rate re-tuned at 5x the steps, then every seed at that rate
         **{f"long-lr-{kind}": Phase(lambda kind=kind: tuning(LONG[kind][0], LONG[kind][1], f"long-lr-{kind}",
                                                             families=tuple((m,) for m in LONG_METHODS)),
