@@ -24,7 +24,8 @@ MARK = "@@RESULT@@ "
 
 
 # ------------------------------------------------------------------------------------------------ code version
-CORE_FILES = ("calibration.py", "stats.py", "spectrum.py", "initialization.py", "layers.py", "config.py")
+CORE_FILES = ("calibration.py", "_collector.py", "_workers.py", "stats.py", "spectrum.py", "initialization.py", "layers.py",
+              "config.py")
 
 
 def source_fingerprint(package_dir: Path | None = None) -> str:

@@ -159,7 +159,7 @@ def test_calibration_on_peft_model_ignores_trained_adapter(batches):
 def test_gram_strips_fill_the_upper_triangle_exactly():
     """Wide layers accumulate xᵀx in strips above the diagonal (5/8 of the multiply-adds); after symmetrising it
     is the full product. The tiny test models are too narrow to take this path, hence the direct check."""
-    from astra_peft.calibration import _add_upper_gram
+    from astra_peft._collector import _add_upper_gram
 
     g = torch.Generator().manual_seed(0)
     x1, x2 = (torch.randn(50, 301, generator=g, dtype=torch.float64) for _ in range(2))
