@@ -21,6 +21,7 @@ sys.path.insert(0, str(HERE))
 
 import forgetting_results  # noqa: E402
 import seeds5_results  # noqa: E402
+import variants_results  # noqa: E402
 import pack_runs  # noqa: E402
 import run_study  # noqa: E402
 from paired_stats import BOOTSTRAP, paired_effect as _paired_effect, sign_test as _sign_test  # noqa: E402
@@ -276,6 +277,7 @@ def main():
     forget = {task: run_study.phase_runs(table[f"forgetting-{task}"]) for task in run_study.FORGET_TASKS}
     first = table[f"forgetting-{run_study.FORGET_TASKS[0]}"]
     parts.append(forgetting_results.section(forget, FIGURES, order=_command_methods(first)))
+    parts.append(variants_results.section(table))
     parts.append(seeds5_results.section(table))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
