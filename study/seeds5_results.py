@@ -11,7 +11,6 @@ statistics every other table uses (paired_stats.py). Partial data is shown as it
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 import pack_runs
 import run_study
