@@ -11,7 +11,6 @@ statistics every other table uses (paired_stats.py). Partial data is shown as it
 
 from __future__ import annotations
 
-
 import pack_runs
 import run_study
 from paired_stats import paired_effect, sign_test
