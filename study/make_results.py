@@ -43,6 +43,24 @@ def _wall_times() -> dict[str, float]:
     return totals
 
 
+def _cost_table() -> str:
+    """Per phase, from study/runs/wall_times.csv (one row per command the driver ran): commands, failed ones, and the
+    driver's wall time in minutes of one core (the study runs one job per core, one thread each; a command slowed by
+    work beside it shows that in its own row)."""
+    log = run_study.RUNS / "wall_times.csv"
+    rows: dict[str, list] = {}
+    if log.exists():
+        for name, seconds, code, _ in csv.reader(log.open()):
+            total = rows.setdefault(name, [0, 0, 0.0])
+            total[0] += 1
+            total[1] += code != "0"
+            total[2] += float(seconds)
+    lines = ["| phase | commands | failed | driver wall time (min of one core) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {n} | {failed} | {seconds / 60:.1f} |" for name, (n, failed, seconds) in rows.items()]
+    return ("## Cost per phase\n\nFrom study/runs/wall_times.csv, in the order phases first ran (runs split by hand "
+            "across cores in the first sessions are not in it):\n\n" + "\n".join(lines) + "\n")
+
+
 EFFECT_NOTE = ("Paired comparisons (below every test table) give, beside the sign test, the mean of the paired "
                "held-out loss differences with two 95% confidence intervals: the paired t interval (mean ± "
                "t(0.975, n − 1) · sd / √n) and a paired bootstrap percentile interval "
@@ -279,6 +297,7 @@ def main():
     parts.append(forgetting_results.section(forget, FIGURES, order=_command_methods(first)))
     parts.append(variants_results.section(table))
     parts.append(seeds5_results.section(table))
+    parts.append(_cost_table())
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
     for folder in pack_runs.folders():
