@@ -61,6 +61,8 @@ SEEDS = "0,1,2"
 FORGET_TASKS = ["social-iqa", "math-qa"]
 FORGET_METHODS = ["lora", "astra", "pissa", "milora", "corda", "corda:corda_method=kpm", "lora-ga", "full"]
 FORGET_FLAGS = ["--forgetting-data", "xsum", "--forgetting-samples", "32", "--forgetting-max-length", "256"]
+# Issue 15 §6's two pre-registered variants (docs/results.md): `largest`'s B = Q, A rescaled to LoRA's size or A = 0
+VARIANTS = [f"astra:eigen_selection=largest:factor_init={f}" for f in ("lora_scale", "zero_a")]
 # Issue 15 §2: does the ranking survive 5x the training budget? One learned task of each kind, the four methods
 # whose order the verdicts rest on, each tuned on its own at that budget (dev, seed 0), then 3 seeds on test.
 # Cost on one core (runs scale with steps): mr ~7.5 min a run, social-iqa ~12; 24 + 24 runs, about 8 hours.
@@ -301,11 +303,11 @@ def phases() -> dict[str, Phase]:
         # one per folder: run_study.py variants-nlu variants-nlg.
         **{f"variants-{kind}": Phase(
             lambda cfg=cfg, tasks=tasks, tune=tune, out=out: (
-                compare(cfg, [task], specs([f"{largest}:factor_init={f}" for f in ("lora_scale", "zero_a")], tune),
+                compare(cfg, [task], specs(VARIANTS, tune),
                         seed, out) for seed in SEEDS.split(",") for task in tasks),
             out, tasks=tasks, methods=lambda tune=tune, own=own, own_tune=own_tune: with_own_rates(specs(
-                [f"{largest}:factor_init={f}" for f in ("lora_scale", "zero_a")]
-                + ["lora", "astra", largest, "pissa", "lora-ga"], tune, strict=False, own=own), [largest], own_tune))
+                VARIANTS + ["lora", "astra", largest, "pissa", "lora-ga"], tune, strict=False, own=own),
+                [largest], own_tune))
            for kind, cfg, tasks, tune, out, own, own_tune in (
                ("nlu", NLU, NLU_TASKS, "nlu-lr", "nlu-main", (), "nlu-lr-largest"),
                ("nlg", NLG, NLG_TASKS, "nlg-lr", "nlg-main", OWN_FAMILY_NLG, "nlg-lr-largest"))},
@@ -333,6 +335,12 @@ def phases() -> dict[str, Phase]:
                                                       specs(["lora"], "nlu-lr"), "0", "long-unlearned")]),
                                 "long-unlearned"),
         **{f"forgetting-{task}": Phase(lambda task=task: forgetting(task), f"forgetting-{task}")
+           for task in FORGET_TASKS},
+        # Issue 15 §6's rule asks of Variant D that it forget no more than LoRA: both variants at the shared rate (as
+        # in variants-nlg), every forgetting task and seed, into the forgetting folders beside the other methods
+        **{f"forgetting-variants-{task}": Phase(
+            lambda task=task: (compare(NLG, [task], specs(VARIANTS, "nlg-lr"), seed, f"forgetting-{task}")
+                               + FORGET_FLAGS for seed in SEEDS.split(",")), f"forgetting-{task}", table=False)
            for task in FORGET_TASKS},
     }
 
