@@ -24,7 +24,8 @@ import seeds5_results  # noqa: E402
 import variants_results  # noqa: E402
 import pack_runs  # noqa: E402
 import run_study  # noqa: E402
-from paired_stats import BOOTSTRAP, paired_effect as _paired_effect, sign_test as _sign_test  # noqa: E402
+from paired_stats import BOOTSTRAP, finals as _finals, paired_effect as _paired_effect, paired_with_default  # noqa: E402
+from paired_stats import sign_test as _sign_test  # noqa: E402
 
 from astra_peft.harness.report import markdown_table, mean_std_cell, plot_curves  # noqa: E402
 
@@ -71,12 +72,6 @@ EFFECT_NOTE = ("Paired comparisons (below every test table) give, beside the sig
                "fully independent.\n")
 
 
-def _finals(runs: list[dict], split: str) -> dict:
-    """(method, task, seed) → that run's final metrics on `split`, for the runs that have them."""
-    return {(r["method"], r["task"], r["seed"]): r["final"][split] for r in runs
-            if r.get("final", {}).get(split, {}).get("accuracy") is not None}
-
-
 def _smallest_vs_largest(runs: list[dict], split: str, printed: set) -> str:
     """Per task and seed, Astra's smallest-eigenvalue run against each `largest` twin (same options otherwise, at
     the shared or at its own learning rate): the paired comparison behind the recommended eigen_selection.
@@ -114,37 +109,6 @@ def _smallest_vs_largest(runs: list[dict], split: str, printed: set) -> str:
                      "\n\n| task | seed | acc. smallest | acc. largest | difference | loss smallest | "
                      "loss largest |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     return "\n".join(parts)
-
-
-def _paired_with_default(runs: list[dict], split: str, order) -> str:
-    """Astra's defaults against every other configuration of the table, on the (task, seed) cells both have:
-    seeds share the data order, so a paired count says more than overlapping mean ± std."""
-    final = _finals(runs, split)
-    methods = order or sorted({m for m, _, _ in final})
-    default = next((m for m in methods if run_study.without_lr(m) == "astra"), None)
-    if default is None:
-        return ""
-    rows = []
-    for other in methods:
-        cells = [(t, s) for m, t, s in final if m == default and (other, t, s) in final]
-        if other == default or not cells:
-            continue
-        a = [final[(default, t, s)] for t, s in cells]
-        b = [final[(other, t, s)] for t, s in cells]
-        lower = sum(x["loss"] < y["loss"] for x, y in zip(a, b))
-        higher = sum(x["accuracy"] > y["accuracy"] for x, y in zip(a, b))
-        effect = _paired_effect([y["loss"] - x["loss"] for x, y in zip(a, b)])
-        rows.append(f"| {other} | {len(cells)} | {lower} | {_sign_test(lower, len(cells)):.3f} | {effect['mean']} | "
-                    f"{effect['t']} | {effect['boot']} | {effect['dz']} | {higher} |")
-    if not rows:
-        return ""
-    return (f"`{default}` against each other configuration, paired by task and seed (cells both have): in how "
-            "many pairs the default has the lower held-out loss (two-sided sign test p), the mean loss difference "
-            "(other − default; positive: the default is better) with its 95% confidence intervals (paired t; paired "
-            "bootstrap) and Cohen's d_z, and in how many pairs its accuracy is higher:\n\n"
-            "| configuration | pairs | default lower loss | p | mean loss difference | 95% CI (paired t) | "
-            "95% CI (paired bootstrap) | d_z | default higher acc. |\n"
-            "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _common_cells(runs: list[dict]) -> set:
@@ -286,7 +250,7 @@ def main():
         plot_curves([r for r in runs if r["method"] in shown], "loss", FIGURES / f"{name}_loss.png", methods=shown)
         parts.append(f"Training loss, mean over seeds (shaded: min to max):\n\n![{name}](figures/{name}_loss.png)\n")
         if split == "test":
-            parts.append(_paired_with_default(runs, split, order))
+            parts.append(paired_with_default(runs, split, order))
         paired = _smallest_vs_largest(runs, split, printed_pairs)
         if paired:
             parts.append(paired)
