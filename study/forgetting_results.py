@@ -18,6 +18,7 @@ from typing import Optional
 import run_study
 from paired_stats import paired_effect, sign_test
 
+from astra_peft.harness.plots import pareto_front, plot_forgetting
 from astra_peft.harness.report import mean_std_cell
 
 SPLIT = "test"
@@ -54,16 +55,6 @@ def summarise(runs: list[dict], order=None) -> dict[str, dict]:
             "forgetting": [r["forgetting"] for r in mine],
         }
     return out
-
-
-def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
-    """The methods no other method beats on both counts: (task loss, forgetting), lower is better on each; a method
-    another one equals on one count and beats on the other is dominated."""
-    front = set()
-    for m, (x, y) in points.items():
-        if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for o, (x2, y2) in points.items() if o != m):
-            front.add(m)
-    return front
 
 
 def _task_table(task: str, rows: dict[str, dict]) -> str:
@@ -123,54 +114,6 @@ def _versus_lora(runs: list[dict], order) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
-def plot(by_task: dict[str, dict[str, dict]], path: Path, order=None, title: str = "") -> Path:
-    """One panel per task: per method its mean test loss (x) and mean forgetting (y), error bars the seeds' sd both
-    ways (none with one seed), the Pareto front of the means as a dashed staircase with its points ringed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from astra_peft._io import atomic_path
-
-    tasks = list(by_task)
-    methods = _ordered({m for rows in by_task.values() for m in rows}, order)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = "osD^v<>ph*"
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 5), squeeze=False)
-    handles = {}
-    for ax, task in zip(axes[0], tasks):
-        rows = by_task[task]
-        means = {}
-        for i, method in enumerate(methods):
-            if method not in rows:
-                continue
-            (x, dx), (y, dy) = _mean_sd(rows[method]["loss"]), _mean_sd(rows[method]["forgetting"])
-            means[method] = (x, y)
-            n = len(rows[method]["seeds"])
-            handles[method] = ax.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt=markers[i % len(markers)], capsize=3,
-                                          color=colors[i % len(colors)], label=method)
-            ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        front = sorted((means[m] for m in pareto_front(means)))
-        if front:
-            xs, ys = zip(*front)
-            ax.step(xs, ys, where="post", linestyle="--", color="black", linewidth=1, label="_front")
-            ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="black", linewidths=1, zorder=3)
-        ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title(f"{task} (dashed, ringed: Pareto front of the means)", fontsize=9)
-        ax.set_xlabel(f"{SPLIT} loss on the task (lower is better)")
-        ax.set_ylabel("forgetting: Δ loss on held-out xsum (lower is better)")
-        ax.grid(alpha=0.3)
-    fig.legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles],
-               loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(" · ".join(p for p in (title, "mean ± sd over seeds") if p), fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(handles) - 1) // 3), 1, 1))
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return Path(path)
-
-
 def section(runs_by_task: dict[str, list[dict]], figures: Path, order=None) -> str:
     """The markdown section: settings, per-task tables, the paired comparison with LoRA, the figure (written to
     `figures`/forgetting_pareto.png when any run is usable)."""
@@ -203,7 +146,7 @@ def section(runs_by_task: dict[str, list[dict]], figures: Path, order=None) -> s
             parts.append(_task_table(task, by_task[task]))
     parts.append(_versus_lora(runs, order))
     figures.mkdir(parents=True, exist_ok=True)
-    plot(by_task, figures / FIGURE, order, title=models)
+    plot_forgetting(runs, SPLIT, figures / FIGURE, methods=order, tasks=list(by_task), title=models)
     parts.append(f"Task loss against forgetting, one point per method and task (error bars: sd over seeds; n: "
                  f"seeds):\n\n![forgetting]({figures.name}/{FIGURE})\n")
     return "\n".join(parts)

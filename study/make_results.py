@@ -27,7 +27,8 @@ import run_study  # noqa: E402
 from paired_stats import BOOTSTRAP, finals as _finals, paired_effect as _paired_effect, paired_with_default  # noqa: E402
 from paired_stats import sign_test as _sign_test  # noqa: E402
 
-from astra_peft.harness.report import markdown_table, mean_std_cell, plot_curves  # noqa: E402
+from astra_peft.harness.plots import plot_curves  # noqa: E402
+from astra_peft.harness.report import markdown_table, mean_std_cell  # noqa: E402
 
 OUT = HERE.parent / "docs" / "results_tables.md"
 FIGURES = OUT.parent / "figures"

@@ -276,25 +276,39 @@ def test_compare_table_csv_and_plot_show_forgetting(tiny, tmp_path):
     assert "Forget" not in Path(paths["summary_md"]).read_text()
 
 
-def test_plot_places_each_method_at_its_seed_mean(tmp_path, monkeypatch):
-    from astra_peft.harness import report
+def test_plot_places_each_method_at_its_seed_mean_and_rings_the_front(tmp_path, monkeypatch):
+    from astra_peft.harness import plots
 
     runs = [{"task": "t", "method": m, "seed": s, "forgetting": f, "final": {"dev": {"loss": y}}}
-            for m, s, f, y in [("lora", 0, 0.1, 2.0), ("lora", 1, 0.3, 2.2), ("pissa", 0, 0.5, 1.0)]]
-    drawn = []
-    plt = report._pyplot()
-    real = plt.Axes.errorbar
+            for m, s, f, y in [("lora", 0, 0.1, 2.0), ("lora", 1, 0.3, 2.2), ("pissa", 0, 0.5, 1.0),
+                               ("milora", 0, 0.6, 2.5)]]  # worse than lora on both counts: off the front
+    runs.append({"task": "t", "method": "dora", "seed": 0, "final": {"dev": {"loss": 1.0}}})  # no measure: not drawn
+    drawn, notes, rings = [], [], []
+    plt = plots._pyplot()
+    real_bar, real_note, real_scatter = plt.Axes.errorbar, plt.Axes.annotate, plt.Axes.scatter
 
-    def spy(self, x, y, **kw):
+    def bar(self, x, y, **kw):
         drawn.append((kw["label"], x[0], y[0], kw["xerr"][0], kw["yerr"][0]))
-        return real(self, x, y, **kw)
+        return real_bar(self, x, y, **kw)
 
-    monkeypatch.setattr(plt.Axes, "errorbar", spy)
-    report.plot_forgetting(runs, "dev", tmp_path / "f.png", methods=["lora", "pissa"])
-    (l_label, lx, ly, ldx, ldy), (p_label, px, py, pdx, pdy) = drawn
-    assert l_label.startswith("lora (2 seeds)") and p_label.startswith("pissa (1 seed)")
-    assert (lx, ly) == pytest.approx((0.2, 2.1)) and (ldx, ldy) == pytest.approx((0.1414214, 0.1414214))
-    assert (px, py, pdx, pdy) == pytest.approx((0.5, 1.0, 0.0, 0.0))
+    def note(self, text, xy, **kw):
+        notes.append(text)
+        return real_note(self, text, xy, **kw)
+
+    def scatter(self, x, y, **kw):
+        rings.append(sorted(zip(x, y)))
+        return real_scatter(self, x, y, **kw)
+
+    monkeypatch.setattr(plt.Axes, "errorbar", bar)
+    monkeypatch.setattr(plt.Axes, "annotate", note)
+    monkeypatch.setattr(plt.Axes, "scatter", scatter)
+    plots.plot_forgetting(runs, "dev", tmp_path / "f.png", methods=["lora", "pissa"])
+    (l_label, lx, ly, ldx, ldy), (p_label, px, py, pdx, pdy), (m_label, *_) = drawn
+    assert (l_label, p_label, m_label) == ("lora", "pissa", "milora") and notes == ["n=2", "n=1", "n=1"]
+    # x: the task loss, y: the forgetting, each the mean over seeds with the seeds' sd
+    assert (lx, ly) == pytest.approx((2.1, 0.2)) and (ldx, ldy) == pytest.approx((0.1414214, 0.1414214))
+    assert (px, py, pdx, pdy) == pytest.approx((1.0, 0.5, 0.0, 0.0))
+    assert rings == [[pytest.approx((1.0, 0.5)), pytest.approx((2.1, 0.2))]]
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from astra_peft.harness import report
+from astra_peft.harness import plots, report
 
 
 def _run(method, *, seed=0, lr=5e-4, rank=8, steps=40, cpu=None, load=None, model="/x/models/smollm2-135m"):
@@ -23,17 +23,18 @@ def _run(method, *, seed=0, lr=5e-4, rank=8, steps=40, cpu=None, load=None, mode
 
 
 def test_smooth_is_a_centred_moving_average():
-    assert report.smooth([1, 2, 3, 4, 5], 1) == [1, 2, 3, 4, 5]
-    assert report.smooth([0, 3, 6, 9], 3) == [1.5, 3.0, 6.0, 7.5]  # ends average what exists
+    assert plots.smooth([1, 2, 3, 4, 5], 1) == [1, 2, 3, 4, 5]
+    assert plots.smooth([0, 3, 6, 9], 3) == [1.5, 3.0, 6.0, 7.5]  # ends average what exists
 
 
 def test_title_names_model_rank_and_rate_and_legend_takes_what_differs():
     same = [_run("astra"), _run("lora")]
-    assert report.curve_title(same) == "smollm2-135m · rank 8 · lr 0.0005"
+    assert plots.curve_title(same) == "smollm2-135m · rank 8 · lr 0.0005"
     mixed = [_run("astra", lr=5e-4), _run("lora", lr=1e-3)]
-    assert report.curve_title(mixed) == "smollm2-135m · rank 8"
-    assert report._curve_label("lora", mixed) == "lora (lr 0.001)"
-    assert report._curve_label("astra", same) == "astra"
+    assert plots.curve_title(mixed) == "smollm2-135m · rank 8"
+    assert plots._curve_label("lora", mixed) == "lora (lr 0.001)"
+    assert plots._curve_label("astra", same) == "astra"
+    assert plots._curve_label("lora:lr=1e-3", mixed) == "lora:lr=1e-3"  # the spec names its rate already
 
 
 def test_plot_has_faint_raw_and_smoothed_curves_and_a_title(tmp_path, monkeypatch):
@@ -48,14 +49,14 @@ def test_plot_has_faint_raw_and_smoothed_curves_and_a_title(tmp_path, monkeypatc
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", capture)
-    path = report.plot_curves([_run("astra"), _run("lora")], "loss", tmp_path / "loss.png")
+    path = plots.plot_curves([_run("astra"), _run("lora")], "loss", tmp_path / "loss.png")
     assert path.stat().st_size > 0
     assert titles == ["smollm2-135m · rank 8 · lr 0.0005  (faint: per step; solid: moving average)"]
     faint = [line for line in lines if (line.get_alpha() or 1.0) < 1.0]
     solid = [line for line in lines if line.get_label() in ("astra", "lora")]
     assert len(faint) == 2 and len(solid) == 2
     raw = list(faint[0].get_ydata())
-    assert list(solid[0].get_ydata()) == pytest.approx(report.smooth(raw, 5))
+    assert list(solid[0].get_ydata()) == pytest.approx(plots.smooth(raw, 5))
 
 
 def test_table_shows_cpu_beside_wall_only_when_recorded():

@@ -1,7 +1,4 @@
-"""Tables and plots: summary.md / summary.csv, loss.png / grad_norm.png, and the effective-rank report.
-
-matplotlib is imported inside the plotting functions, with the Agg backend, so nothing else pays for it.
-"""
+"""Tables: summary.md / summary.csv (with the figures of plots.py beside them), and the effective-rank report."""
 
 from __future__ import annotations
 
@@ -13,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .._io import atomic_path, write_text_atomic
+from .summaries import final_metric, mean_std, ordered
 
 
 def collect_runs(root) -> list[dict]:
@@ -30,50 +28,34 @@ def collect_runs(root) -> list[dict]:
     return runs
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def mean_std_cell(values: Sequence[float], scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
     """mean ± std over seeds; a single seed shows its value alone (a "± 0.00" would read as a measured spread)."""
     present = [v for v in values if v is not None and not math.isnan(v)]
     if not present:
         return "–"
-    mean, std = _mean_std(present)
+    mean, std = mean_std(present)
     head = f"{mean * scale:{'+' if signed else ''}.{digits}f}"
     return head if len(present) == 1 else f"{head} ± {std * scale:.{digits}f}"
-
-
-def _ordered(items: Sequence[str], order: Optional[Sequence[str]]) -> list[str]:
-    order = list(order or [])
-    return [m for m in order if m in items] + sorted(m for m in set(items) if m not in order)
-
-
-def _metric(run: dict, split: str, metric: str = "accuracy") -> Optional[float]:
-    return run.get("final", {}).get(split, {}).get(metric)
 
 
 def summary_rows(runs: list[dict], split: str, methods: Optional[Sequence[str]] = None,
                  tasks: Optional[Sequence[str]] = None, metric: str = "accuracy") -> tuple[list[str], list[dict]]:
     """Rows = methods, with per-task `metric` (accuracy or loss, over seeds), its average (per seed, then over
     seeds), the final train loss, wall times and trainable parameters."""
-    tasks = _ordered([r["task"] for r in runs], tasks)
+    tasks = ordered([r["task"] for r in runs], tasks)
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         by_method[run["method"]].append(run)
     rows = []
-    for method in _ordered(list(by_method), methods):
+    for method in ordered(list(by_method), methods):
         group = by_method[method]
         row = {"method": method, "seeds": sorted({r["seed"] for r in group})}
         for task in tasks:
-            row[task] = [_metric(r, split, metric) for r in group if r["task"] == task]
+            row[task] = [final_metric(r, split, metric) for r in group if r["task"] == task]
         per_seed = defaultdict(list)
         for r in group:
-            if _metric(r, split, metric) is not None:
-                per_seed[r["seed"]].append(_metric(r, split, metric))
+            if final_metric(r, split, metric) is not None:
+                per_seed[r["seed"]].append(final_metric(r, split, metric))
         complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(tasks)]
         row["average"] = complete
         row["train_loss"] = [r.get("mean_train_loss_last10") for r in group]
@@ -167,6 +149,7 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
           f"Times: wall seconds per run.", *_load_note(runs), *_forgetting_note(runs), ""]
     for s in splits:
         md += [f"## {s} split", "", markdown_table(runs, s, methods, tasks), ""]
+    from .plots import plot_curves, plot_forgetting  # matplotlib only where a report is written
     from .rundir import CompareDir  # the comparison folder's file names live there
 
     md_path, csv_path, loss_path, grad_norm_path, forgetting_path = (out_dir / name for name in CompareDir.REPORT)
@@ -185,12 +168,12 @@ def write_summary(out_dir, runs: Optional[list[dict]] = None, *, split: str = "d
                                  *[f"{k}_{x}" for k in FORGETTING_KEYS for x in ("mean", "std")
                                    if with_forgetting]])
             for row in rows:
-                values = [v for t in task_names for v in _mean_std(row[t])]
+                values = [v for t in task_names for v in mean_std(row[t])]
                 writer.writerow([s, row["method"], len(row["seeds"]), row["trainable_parameters"], *values,
-                                 *_mean_std(row["average"]), *_mean_std(row["train_loss"]),
-                                 _mean_std(row["prep_seconds"])[0], _mean_std(row["train_seconds"])[0],
-                                 _mean_std(row["run_seconds"])[0], _mean_std(row["cpu_seconds"])[0],
-                                 *[v for k in FORGETTING_KEYS if with_forgetting for v in _mean_std(row[k])]])
+                                 *mean_std(row["average"]), *mean_std(row["train_loss"]),
+                                 mean_std(row["prep_seconds"])[0], mean_std(row["train_seconds"])[0],
+                                 mean_std(row["run_seconds"])[0], mean_std(row["cpu_seconds"])[0],
+                                 *[v for k in FORGETTING_KEYS if with_forgetting for v in mean_std(row[k])]])
     paths = {"summary_md": md_path, "summary_csv": csv_path}
     paths["loss_png"] = plot_curves(runs, "loss", loss_path, methods=methods, tasks=tasks)
     paths["grad_norm_png"] = plot_curves(runs, "grad_norm", grad_norm_path, methods=methods, tasks=tasks)
@@ -207,142 +190,6 @@ def _forgetting_note(runs: list[dict]) -> list[str]:
     return [f"Forgetting: mean token loss on held-out general text ({', '.join(sources)}; "
             + "; ".join(f"{t} texts, {n:,} tokens" for t, n in counts)
             + ") of the fine-tuned model minus that of the base model; positive: the model got worse at it."]
-
-
-# --------------------------------------------------------------------------------------------------- plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def smooth(values: Sequence[float], window: int) -> list[float]:
-    """Centred moving average over `window` points (odd; fewer at the ends): no lag, so a smoothed curve crosses
-    another where the trend does, not a few steps later as an exponential average would."""
-    half = max(window, 1) // 2
-    out = []
-    for i in range(len(values)):
-        part = values[max(0, i - half): i + half + 1]
-        out.append(sum(part) / len(part))
-    return out
-
-
-def _same(values: Sequence) -> bool:
-    return len(set(values)) == 1
-
-
-def curve_title(runs: list[dict]) -> str:
-    """"smollm2-135m · rank 8 · lr 0.0005": what the curves share. A rank or rate that differs between methods is
-    given per method in the legend instead (see `_curve_label`)."""
-    parts = []
-    models = sorted({Path(str(r["model"])).name or str(r["model"]) for r in runs if r.get("model")})
-    if models:
-        parts.append(", ".join(models))
-    for key in ("rank", "lr"):
-        values = [r.get(key) for r in runs if r.get(key) is not None]
-        if values and _same(values):
-            parts.append(f"{key} {values[0]:g}")
-    return " · ".join(parts)
-
-
-def _curve_label(method: str, runs: list[dict]) -> str:
-    extra = []
-    for key in ("rank", "lr"):
-        if not _same([r.get(key) for r in runs]):
-            mine = sorted({r.get(key) for r in runs if r["method"] == method and r.get(key) is not None})
-            extra += [f"{key} {v:g}" for v in mine]
-    return f"{method} ({', '.join(extra)})" if extra else method
-
-
-def plot_curves(runs: list[dict], key: str, path, *, methods=None, tasks=None, max_step: Optional[int] = None):
-    """One panel per task; per method the mean over seeds at each step, shaded between min and max (the paper's
-    Figures 1 and 5). Per-step values are noisy and cross constantly, so from 20 steps on each is drawn faint
-    with a centred moving average over about a tenth of the steps on top. The title names model, rank and rate."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    tasks = _ordered([r["task"] for r in runs], tasks)
-    methods = _ordered([r["method"] for r in runs], methods)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    smoothed = False
-    for ax, task in zip(axes[0], tasks):
-        for i, method in enumerate(methods):
-            curves = defaultdict(list)
-            for run in runs:
-                if run["task"] == task and run["method"] == method:
-                    for rec in run["history"]:
-                        if key in rec and (max_step is None or rec["step"] <= max_step):
-                            curves[rec["step"]].append(rec[key])
-            if not curves:
-                continue
-            steps = sorted(curves)
-            mean = [statistics.fmean(curves[s]) for s in steps]
-            color = colors[i % len(colors)]
-            window = (len(steps) // 10) | 1  # odd, about a tenth of the run; 1 (no smoothing) below 20 steps
-            label = _curve_label(method, runs)
-            if window > 1:
-                smoothed = True
-                ax.plot(steps, mean, color=color, linewidth=0.8, alpha=0.3)
-                ax.plot(steps, smooth(mean, window), label=label, color=color, linewidth=1.6)
-            else:
-                ax.plot(steps, mean, label=label, color=color, linewidth=1.4)
-            if any(len(curves[s]) > 1 for s in steps):
-                ax.fill_between(steps, [min(curves[s]) for s in steps], [max(curves[s]) for s in steps],
-                                color=color, alpha=0.12, linewidth=0)
-        ax.set_title(task)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel({"loss": "training loss", "grad_norm": "gradient norm"}.get(key, key))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    title = curve_title(runs)
-    if smoothed:
-        title += ("  " if title else "") + "(faint: per step; solid: moving average)"
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_forgetting(runs: list[dict], split: str, path, *, methods=None, tasks=None):
-    """One panel per task: per method, the held-out task loss (`split`) against forgetting, at the mean over seeds
-    with the seeds' standard deviation as error bars both ways. Lower left is better on both counts."""
-    plt = _pyplot()
-    tasks = _ordered([r["task"] for r in runs], tasks)
-    methods = _ordered([r["method"] for r in runs], methods)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, task in zip(axes[0], tasks):
-        for i, method in enumerate(methods):
-            pairs = [(r["forgetting"], _metric(r, split, "loss")) for r in runs
-                     if r["task"] == task and r["method"] == method and r.get("forgetting") is not None]
-            pairs = [p for p in pairs if p[1] is not None]
-            if not pairs:
-                continue
-            (x, dx), (y, dy) = _mean_std([p[0] for p in pairs]), _mean_std([p[1] for p in pairs])
-            ax.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt="o", capsize=3, color=colors[i % len(colors)],
-                        label=f"{_curve_label(method, runs)} ({len(pairs)} seed{'s' if len(pairs) > 1 else ''})")
-        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title(task)
-        ax.set_xlabel("forgetting (Δ loss on held-out general text)")
-        ax.set_ylabel(f"{split} loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(" · ".join(p for p in (curve_title(runs), "mean ± std over seeds") if p), fontsize=10)
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------ effective rank
@@ -384,20 +231,8 @@ def write_effective_rank(rows: list[dict], out_dir, title: str = "Effective rank
         writer = csv.DictWriter(fh, fieldnames=["layer_type", "layers", "before", "after", "change"])
         writer.writeheader()
         writer.writerows(rows)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["before"] for r in rows], width=0.4, label="before fine-tuning")
-    ax.bar([x + 0.2 for x in xs], [r["after"] for r in rows], width=0.4, label="after fine-tuning")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["layer_type"] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel("effective rank")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out_dir / "effective_rank.png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    from .plots import plot_effective_rank  # matplotlib only where a report is written
+
+    plot_effective_rank(rows, out_dir / "effective_rank.png", title)
     return {"md": out_dir / "effective_rank.md", "csv": out_dir / "effective_rank.csv",
             "png": out_dir / "effective_rank.png"}
