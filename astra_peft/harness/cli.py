@@ -246,26 +246,8 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-# The README's demo time on an idle 2-core CPU, in minutes (keep the two in step when the demo changes).
-DEMO_IDLE_MINUTES = 8
-
-
-def _demo_estimate() -> str:
-    """A rough duration, said before the demo starts: the measured idle time, and a warning when the machine is
-    busy (on 2 cores at load 4-8 the same demo took many times longer; see README)."""
-    text = f"Roughly {DEMO_IDLE_MINUTES} min on an idle 2-core CPU"
-    try:
-        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    except OSError:
-        return text + "; an ETA follows each run."
-    if load > 0.5 * cpus:
-        text += (f"; this machine is busy (load {load:.1f} on {cpus} CPUs), so expect it to take several times "
-                 "longer")
-    return text + "; an ETA follows each run."
-
-
 def cmd_demo(args) -> int:
-    from .compare import DEMO, demo_config, run_compare
+    from .compare import DEMO, demo_config, demo_estimate, run_compare
 
     import dataclasses
 
@@ -282,7 +264,7 @@ def cmd_demo(args) -> int:
           f"{','.join(cfg.target_modules) if cfg.target_modules else 'every linear layer of the blocks'} → {args.output}")
     fetch = "" if cached else f"fetch and convert {DEMO['model']} into {cache_dir()} (once), "
     print(f"astra demo: plan: {fetch}{n_methods * len(seeds)} runs of {cfg.max_steps} steps, then one evaluation "
-          f"each. {_demo_estimate()}", flush=True)
+          f"each. {demo_estimate()}", flush=True)
     paths = run_compare(cfg, methods, seeds, output=args.output)
     print("\n" + Path(paths["summary_md"]).read_text())
     print(f"plots: {paths['loss_png']}  {paths['grad_norm_png']}")

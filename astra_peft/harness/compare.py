@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 import traceback
@@ -173,3 +174,21 @@ def demo_config(output, **overrides) -> tuple[FinetuneConfig, str, list[int]]:
     methods, seeds = settings.pop("methods"), settings.pop("seeds")
     cfg = FinetuneConfig(output=str(output), method="lora", save_steps=10, **settings)
     return cfg, methods, seeds
+
+
+# The README's demo time on an idle 2-core CPU, in minutes (keep the two in step when the demo changes).
+DEMO_IDLE_MINUTES = 8
+
+
+def demo_estimate() -> str:
+    """A rough duration, said before the demo starts: the measured idle time, and a warning when the machine is
+    busy (on 2 cores at load 4-8 the same demo took many times longer; see README)."""
+    text = f"Roughly {DEMO_IDLE_MINUTES} min on an idle 2-core CPU"
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return text + "; an ETA follows each run."
+    if load > 0.5 * cpus:
+        text += (f"; this machine is busy (load {load:.1f} on {cpus} CPUs), so expect it to take several times "
+                 "longer")
+    return text + "; an ETA follows each run."
