@@ -156,7 +156,7 @@ def test_interrupted_run_resumes_with_the_same_ranks(tiny, tmp_path, monkeypatch
     def no_build(*args, **kwargs):
         raise AssertionError("the initialisation should have been restored, not recomputed")
 
-    monkeypatch.setattr("astra_peft.harness.training.build_method", no_build)
+    monkeypatch.setattr("astra_peft.harness.restore.build_method", no_build)
     # A record whose ranks differ from the saved adapter's is refused, not trained with other ranks.
     init = tmp_path / "cut" / "init.json"
     original = init.read_text()

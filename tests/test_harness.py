@@ -363,7 +363,7 @@ def test_restart_before_any_checkpoint_reuses_the_initialisation(tiny, tmp_path,
     def no_build(*args, **kwargs):
         raise AssertionError("the initialisation should have been restored, not recomputed")
 
-    monkeypatch.setattr("astra_peft.harness.training.build_method", no_build)
+    monkeypatch.setattr("astra_peft.harness.restore.build_method", no_build)
     summary = finetune(tiny, tmp_path / "cut", method="astra")
     assert summary["init_restored"] and summary["resumed_from"] is None
     assert summary["seconds"]["calibration"] > 0  # the original cost, kept in init.json

@@ -1,16 +1,21 @@
 """Resuming a run without calibrating again: the model `build_method` made, rebuilt from the initial adapter the
 run directory saved right after initialisation (adapter_init/), with the frozen base rebuilt as the method
-declared at registration (`methods.BaseRebuild`), bit for bit.
+declared at registration (`methods.BaseRebuild`), bit for bit; and `build_or_restore`, which decides between
+building and restoring by the fingerprint of what decides the initial adapter.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .methods import METHODS
+from .methods import METHODS, BuildContext, BuiltModel, build_method
+from .rank_allocation import check_restored_ranks
+from .rundir import RunDir
 
 
 @torch.no_grad()
@@ -57,3 +62,41 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method, mutates_base:
         raise ValueError(f"{adapter_dir} does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
     rebuild.apply(peft_model, "default")
     return peft_model
+
+
+
+# What decides the initial adapter: a saved one is reused only when all of these match.
+_INIT_KEYS = ("model", "task", "data", "eval_data", "seed", "max_length", "dtype", "train_samples",
+              "calibration_batch_size", "method_spec", "effective", "splits")
+
+
+def init_fingerprint(resolved: dict) -> str:
+    """sha256 of the resolved settings that decide the initial adapter (the learning rate does not)."""
+    payload = {k: resolved.get(k) for k in _INIT_KEYS}
+    payload["effective"] = {k: v for k, v in payload["effective"].items() if k != "lr"}
+    if resolved.get("forgetting_data"):  # calibration on its corpus leaves its share out; unset: as before
+        payload["forgetting_data"] = resolved["forgetting_data"]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_or_restore(spec, ctx: BuildContext, run: RunDir, fingerprint: str, is_main: bool) -> BuiltModel:
+    """Build the method, or, when this run directory already holds the initial adapter for exactly this
+    configuration (a restart after Ctrl-C), rebuild the model from it without calibrating again. The saved
+    initial adapter also serves the plain-LoRA conversion at the end."""
+    init_dir, meta = run.file(RunDir.ADAPTER_INIT), run.read_init()
+    if meta and meta.get("fingerprint") == fingerprint and init_dir.is_dir():
+        model = restore_initial_adapter(ctx.model, init_dir, spec, meta["mutates_base"])
+        if meta["report"].get("allocation"):  # the ranks the run allocated, whatever adapter_config.json says now
+            check_restored_ranks(model, meta["report"]["allocation"]["ranks"], str(init_dir))
+        return BuiltModel(model, calibration_seconds=meta["calibration_seconds"], init_seconds=meta["init_seconds"],
+                          mutates_base=meta["mutates_base"], report={**meta["report"], "restored_from": str(init_dir)})
+    built = build_method(spec, ctx)
+    if is_main and hasattr(built.model, "peft_config"):
+        run.clear([RunDir.INIT])
+        with run.adapter_dir(RunDir.ADAPTER_INIT) as tmp:
+            built.model.save_pretrained(str(tmp))
+        # init.json last: its presence says adapter_init/ is complete
+        run.write_init({"fingerprint": fingerprint, "mutates_base": built.mutates_base,
+                        "calibration_seconds": built.calibration_seconds, "init_seconds": built.init_seconds,
+                        "report": built.report})
+    return built

@@ -21,9 +21,8 @@ import torch
 
 from .encoding import Collator, encode_row, pad_id
 from .evaluation import evaluate
-from .methods import METHODS, BuildContext, BuiltModel, build_method
-from .rank_allocation import check_restored_ranks
-from .restore import restore_initial_adapter
+from .methods import METHODS, BuildContext
+from .restore import build_or_restore, init_fingerprint
 from .rundir import RunDir, check_output
 from .trainer import cpu_only  # noqa: F401  (re-exported: it used to live here)
 from .threads import load_average
@@ -319,7 +318,7 @@ def _initialise(cfg, spec, effective, model, tokenizer, task, target_modules, tr
     ctx = BuildContext(model=model, task_kind=task.kind, target_modules=target_modules, rank=effective["rank"],
                        alpha=effective["alpha"], seed=cfg.seed, calibration_batches=calibration_batches,
                        gradient_batches=gradient_batches, progress=cfg.progress)
-    return _build_or_restore(spec, ctx, run, _init_fingerprint(resolved), state.is_main_process)
+    return build_or_restore(spec, ctx, run, init_fingerprint(resolved), state.is_main_process)
 
 
 def _train(cfg, effective, model, tokenizer, task, run: RunDir, train_features, collate, checkpoint,
@@ -350,42 +349,6 @@ def _final_evaluation(cfg, trainer, model, tokenizer, task) -> tuple[dict, float
                                     max_length=cfg.max_length, max_samples=cfg.eval_samples, progress=cfg.progress)
             trainer.log({f"final_{split}_{k}": v for k, v in final[split].items() if k != "n"})
     return final, time.perf_counter() - start
-
-
-# What decides the initial adapter: a saved one is reused only when all of these match.
-_INIT_KEYS = ("model", "task", "data", "eval_data", "seed", "max_length", "dtype", "train_samples",
-              "calibration_batch_size", "method_spec", "effective", "splits")
-
-
-def _init_fingerprint(resolved: dict) -> str:
-    payload = {k: resolved.get(k) for k in _INIT_KEYS}
-    payload["effective"] = {k: v for k, v in payload["effective"].items() if k != "lr"}
-    if resolved.get("forgetting_data"):  # calibration on its corpus leaves its share out; unset: as before
-        payload["forgetting_data"] = resolved["forgetting_data"]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _build_or_restore(spec, ctx: BuildContext, run: RunDir, fingerprint: str, is_main: bool):
-    """Build the method, or, when this run directory already holds the initial adapter for exactly this
-    configuration (a restart after Ctrl-C), rebuild the model from it without calibrating again. The saved
-    initial adapter also serves the plain-LoRA conversion at the end."""
-    init_dir, meta = run.file(RunDir.ADAPTER_INIT), run.read_init()
-    if meta and meta.get("fingerprint") == fingerprint and init_dir.is_dir():
-        model = restore_initial_adapter(ctx.model, init_dir, spec, meta["mutates_base"])
-        if meta["report"].get("allocation"):  # the ranks the run allocated, whatever adapter_config.json says now
-            check_restored_ranks(model, meta["report"]["allocation"]["ranks"], str(init_dir))
-        return BuiltModel(model, calibration_seconds=meta["calibration_seconds"], init_seconds=meta["init_seconds"],
-                          mutates_base=meta["mutates_base"], report={**meta["report"], "restored_from": str(init_dir)})
-    built = build_method(spec, ctx)
-    if is_main and hasattr(built.model, "peft_config"):
-        run.clear([RunDir.INIT])
-        with run.adapter_dir(RunDir.ADAPTER_INIT) as tmp:
-            built.model.save_pretrained(str(tmp))
-        # init.json last: its presence says adapter_init/ is complete
-        run.write_init({"fingerprint": fingerprint, "mutates_base": built.mutates_base,
-                        "calibration_seconds": built.calibration_seconds, "init_seconds": built.init_seconds,
-                        "report": built.report})
-    return built
 
 
 def _needs_data(spec) -> bool:
