@@ -59,20 +59,12 @@ def initialize_astra_on_quantized(
         TypeError: if a target layer's base is not a bitsandbytes 4-bit layer (use `initialize_astra_weights`
             on a full-precision base).
         ValueError: if `original_model` is a PeftModel or does not match the quantized model (a layer missing,
-            another shape, or weights farther from the dequantized ones than 4-bit rounding explains), if
-            `astra_config.factor_init` is not 'exact' (this route sets A itself), or as `initialize_astra_weights`.
+            another shape, or weights farther from the dequantized ones than 4-bit rounding explains), or as
+            `initialize_astra_weights`.
     """
     layers = lora_layers(peft_model, adapter_name)
     if not layers:
         raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
-    if astra_config is not None and astra_config.factor_init != "exact":
-        # This route keeps only Astra's Q and computes its own A from the quantization error: a rescaled or zero A
-        # would be silently replaced, so the experimental variants are refused here.
-        raise ValueError(
-            f"initialize_astra_on_quantized does not support factor_init={astra_config.factor_init!r}: its A is "
-            "Qᵀ(W − deq(W₄))/s whatever factor_init says. Use factor_init='exact' here, or the residual route "
-            "(initialize_astra_weights on the full-precision model, then quantize_astra_model) for 'lora_scale'."
-        )
     if isinstance(original_model, PeftModel) or lora_layers(original_model, adapter_name):
         raise ValueError("original_model must be the plain full-precision model, not a PeftModel.")
     for name, layer in layers.items():

@@ -31,15 +31,12 @@ StatsFamily = Literal["moments", "max_normalized"]
 # How a residual base W − s·B·A is rounded in float32 (see astra_peft/rewrite.py): "product" forms s·(B@A),
 # as Astra and PEFT's LoRA-GA do; "scaled_b" forms (s·B)@A, as PEFT's PiSSA/OLoRA/CorDA and our MiLoRA do.
 ResidualOrder = Literal["product", "scaled_b"]
-# How A and B start from the selected eigenvectors Q (experimental, issue 15 §6; see AstraConfig.factor_init).
-FactorInit = Literal["exact", "lora_scale", "zero_a"]
 
 EIGEN_SELECTIONS: tuple[str, ...] = typing.get_args(EigenSelection)
 STATISTICS: tuple[str, ...] = typing.get_args(Statistic)
 NULL_SPACE_POLICIES: tuple[str, ...] = typing.get_args(NullSpacePolicy)
 STATISTIC_SOURCES: tuple[str, ...] = typing.get_args(StatisticSource)
 ACCUMULATOR_KINDS: tuple[str, ...] = typing.get_args(AccumulatorKind)
-FACTOR_INITS: tuple[str, ...] = typing.get_args(FactorInit)
 
 
 def literal_choices(hint) -> Optional[tuple]:
@@ -186,24 +183,6 @@ class AstraConfig:
             "help": (
                 "Stop calibrating after the batch that brings the count of non-padding tokens to this "
                 "budget. None: use the whole dataloader."
-            )
-        },
-    )
-    factor_init: FactorInit = field(
-        default="exact",
-        metadata={
-            "help": (
-                "EXPERIMENTAL (issue 15 §6, pre-registered in docs/results.md; kept only if its decision rule "
-                "says so). How the adapter starts from the selected eigenvectors Q; every choice keeps the "
-                "outputs unchanged at init and applies to every eigen_selection. 'exact': the paper, B = Q, "
-                "A = QᵀW, W ← W − s·B·A. 'lora_scale' (variant S): A = c·QᵀW with one scalar c per layer that "
-                "makes A's root-mean-square row norm √(1/3), that of LoRA's default Kaiming-uniform A; "
-                "W ← W − s·B·A as for 'exact'. Where QᵀW is numerically zero (every selected direction "
-                "degenerate, or its rms row norm ≤ max(d_out, d_in)·eps(float32)·‖W‖_F) noise is not "
-                "amplified: c stays 1 and the layer report says so (LayerReport.a_unscaled). 'zero_a' "
-                "(variant D): B = Q, A = 0 and W is NOT rewritten: the base stays the original model and the "
-                "adapter starts with product 0, as LoRA's does; its trained adapter is a plain LoRA of the "
-                "original base."
             )
         },
     )

@@ -5,10 +5,6 @@ saved right after initialisation, the trained change ΔW = s·(BA − B₀A₀) 
 A' = [A; A₀], B' = [B, −B₀], with α doubled so that the scaling α/r stays s (PEFT's
 `path_initial_model_for_weight_conversion` does the same for PiSSA, OLoRA, CorDA).
 
-The experimental `AstraConfig.factor_init` variants (issue 15 §6) convert exactly too: 'lora_scale' is a residual
-like the paper's; 'zero_a' has A₀ = 0 and rewrites nothing, so its base is the original one (W − s·B₀·0 = W),
-the conversion's extra rows of A' are zero, and the trained adapter itself already fits the original base.
-
 This module does it on the saved files, not on the live model. PEFT's route loads the initial adapter into the
 model as a second adapter and deletes it again, which draws from torch's global RNG (LoRA's default init of the
 temporary adapter): called from a checkpoint callback in the middle of training, that shifts every later random

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._workers import layer_workers, ordered_map
 from .calibration import ForwardFn, collect_activation_stats
-from .config import AccumulatorKind, AstraConfig, FactorInit
+from .config import AccumulatorKind, AstraConfig
 from .layers import check_supported, full_weight, layer_digest, lora_layers, out_in_dims
 from .rewrite import residual_weight
 from .sharding import assign, check_not_fsdp1, reshard, unwrap
@@ -29,10 +29,6 @@ class LayerReport:
     tokens: int
     source: AccumulatorKind  # where the statistic came from
     selection: Optional[Selection]  # set once the layer is decomposed
-    # factor_init='lora_scale' only (issue 15 §6, experimental): the scalar c in A = c·QᵀW, and whether A was left
-    # unscaled (c = 1) because QᵀW is numerically zero there; None / False for the other factor_init values.
-    a_scale: Optional[float] = None
-    a_unscaled: bool = False
 
 
 @dataclass
@@ -59,28 +55,14 @@ class AstraReport:
         """Layers where some selected directions have (numerically) zero eigenvalue, and how many."""
         return {l.name: l.selection.n_selected_degenerate for l in self.layers if l.selection.n_selected_degenerate}
 
-    @property
-    def unscaled_layers(self) -> list[str]:
-        """factor_init='lora_scale': layers whose A was left unscaled because QᵀW is numerically zero there."""
-        return [l.name for l in self.layers if l.a_unscaled]
-
     def summary(self) -> str:
         degenerate = self.degenerate_layers
         return (
             f"Astra initialised {len(self.layers)} layers ({self.config.eigen_selection} eigenvectors of the "
             f"{self.config.statistic}); {len(degenerate)} layers had degenerate directions selected; "
             f"calibration {self.calibration_seconds:.1f}s, decomposition {self.decomposition_seconds:.1f}s, "
-            f"write {self.write_seconds:.1f}s." + self._factor_note()
+            f"write {self.write_seconds:.1f}s."
         )
-
-    def _factor_note(self) -> str:
-        init = self.config.factor_init
-        if init == "exact":
-            return ""
-        if init == "zero_a":
-            return " factor_init='zero_a': A = 0, base weights untouched."
-        return (f" factor_init='lora_scale': A rescaled to LoRA's row norm; {len(self.unscaled_layers)} layers left "
-                "unscaled (QᵀW numerically zero).")
 
 
 def initialize_astra_weights(
@@ -95,8 +77,7 @@ def initialize_astra_weights(
     """Initialise adapter `adapter_name` of `peft_model` with Astra (paper Algorithm 1).
 
     For each LoRA layer: B = Q, the r eigenvectors of its output statistic that `astra_config` selects, and
-    A = QᵀW; the frozen weight becomes W − s·B·A, so the model's outputs do not change (the experimental
-    `astra_config.factor_init` rescales A, or starts A = 0 with W untouched; see `AstraConfig`). Every check runs and
+    A = QᵀW; the frozen weight becomes W − s·B·A, so the model's outputs do not change. Every check runs and
     every eigenvector is computed before the first weight is written, so a failure leaves the model exactly as
     it was.
 
@@ -186,9 +167,7 @@ def initialize_astra_weights(
 
     start = time.perf_counter()
     for info in report.layers:  # the layers' order (ordered_map keeps it)
-        all_degenerate = info.selection.n_selected_degenerate == info.rank
-        info.a_scale, info.a_unscaled = _write(layers[info.name], adapter_name, bases.pop(info.name), info.name,
-                                               config.factor_init, all_degenerate)
+        _write(layers[info.name], adapter_name, bases.pop(info.name), info.name)
     report.write_seconds = time.perf_counter() - start
     return report
 
@@ -245,60 +224,20 @@ def _check_stats_match(stats: ActivationStats, layers: dict) -> None:
             )
 
 
-def _write(layer, adapter_name: str, q: torch.Tensor, name: str = "", factor_init: FactorInit = "exact",
-           all_degenerate: bool = False) -> tuple[Optional[float], bool]:
+def _write(layer, adapter_name: str, q: torch.Tensor, name: str = "") -> None:
     """A = QᵀW and B = Q, both cast to the adapter's dtype; then W ← W − s·B·A (`rewrite.residual_weight`),
     formed in float32 from the *cast* A and B and cast once, so base + s·B·A reproduces W as closely as the
-    base dtype allows. `factor_init` (experimental, issue 15 §6): 'lora_scale' scales A by `_lora_scale`'s c
-    before the same rewrite; 'zero_a' writes A = 0 and leaves W untouched (nothing to subtract).
-
-    Returns:
-        (c, unscaled): the scalar applied to A and whether it was left at 1 (QᵀW numerically zero) for
-        'lora_scale'; (None, False) otherwise.
-    """
+    base dtype allows."""
     base = layer.get_base_layer()
     lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    scale, unscaled = None, False
     # Read whole and written through `sharding.assign`, so ZeRO-3 partitions (and a DeepSpeed optimizer's fp32
     # masters) and FSDP2 DTensors hold the result; the residual is rewrite.residual_weight's, bit for bit.
     with full_weight(base) as (w, _):
         w = w.to(torch.float32)
         q = q.to(device=w.device, dtype=torch.float32)
+        a = (q.T @ w).to(lora_a.dtype)
         b = q.to(lora_b.dtype)
-        if factor_init == "zero_a":
-            # (r, d_in) from Q and W: a ZeRO-3 partitioned lora_A's own .shape is its empty local placeholder
-            a = torch.zeros((q.shape[1], w.shape[1]), dtype=lora_a.dtype, device=w.device)
-            residual = None  # s·B·0 = 0: the base stays the original weights, bit for bit
-        else:
-            a = q.T @ w
-            if factor_init == "lora_scale":
-                scale, unscaled = _lora_scale(a, w, all_degenerate)
-                a = a * scale
-            a = a.to(lora_a.dtype)
-            residual = residual_weight(w, a, b, layer.scaling[adapter_name], "product")
+        residual = residual_weight(w, a, b, layer.scaling[adapter_name], "product")
         del w, q
-    if residual is None:
-        assign(name, [(lora_a, a), (lora_b, b)])
-        # No residual: the marker below means "this base holds adapter_name's residual" (re-initialising, restoring
-        # and quantize_astra_model rely on it), so a zero_a layer does not carry it.
-        return scale, unscaled
     assign(name, [(lora_a, a), (lora_b, b), (base.weight, residual.T if isinstance(base, Conv1D) else residual)])
     layer.astra_adapters = {adapter_name}
-    return scale, unscaled
-
-
-# LoRA's default A (Kaiming-uniform, a = √5): entries U(−1/√d_in, 1/√d_in), so every row has norm √(d_in/(3·d_in)).
-LORA_A_ROW_NORM = (1.0 / 3.0) ** 0.5
-
-
-def _lora_scale(a: torch.Tensor, w: torch.Tensor, all_degenerate: bool) -> tuple[float, bool]:
-    """c making the root-mean-square row norm of c·A equal LoRA's √(1/3), or (1.0, True) where A = QᵀW is
-    numerically zero: every selected direction degenerate, or rms row norm ≤ max(d_out, d_in)·eps(float32)·‖W‖_F
-    (a bound on the float32 rounding of QᵀW for a Q in W's left null space): scaling it would amplify noise."""
-    if all_degenerate or a.shape[0] == 0:
-        return 1.0, True
-    rms = float(a.double().norm()) / a.shape[0] ** 0.5
-    tol = max(w.shape) * torch.finfo(torch.float32).eps * float(w.double().norm())
-    if rms <= tol or rms == 0.0:
-        return 1.0, True
-    return LORA_A_ROW_NORM / rms, False

@@ -99,8 +99,8 @@ def save_for_quantized_base(peft_model: PeftModel, output_dir, adapter_name: str
         `output_dir` as a Path.
 
     Raises:
-        ValueError: if the adapter was not initialised by Astra, or with factor_init='zero_a' (its base is the
-            original model: quantize that directly), or `output_dir` is a non-empty folder (nothing is overwritten).
+        ValueError: if the adapter was not initialised by Astra (its base is the original model: quantize that
+            directly), or `output_dir` is a non-empty folder (nothing is overwritten).
     """
     layers = lora_layers(peft_model, adapter_name)
     if not layers:
@@ -110,9 +110,7 @@ def save_for_quantized_base(peft_model: PeftModel, output_dir, adapter_name: str
         raise ValueError(
             f"Layer '{plain[0]}' of adapter '{adapter_name}' was not initialised by Astra, so its base is not a "
             "residual: run initialize_astra_weights on the full-precision model first (or, for plain QLoRA, "
-            "load the original model in 4-bit directly). An adapter initialised with AstraConfig(factor_init="
-            "'zero_a') has no residual either (its base is the original model): save it with save_pretrained and "
-            "load it onto the original model quantized in 4-bit."
+            "load the original model in 4-bit directly)."
         )
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):

@@ -101,23 +101,9 @@ class Method:
     data: Optional[DataNeed] = None  # None: the method looks at no data before training
     peft: bool = True  # False only for full fine-tuning
     base: BaseRebuild = BaseRebuild.KEEP
-    # Where a spec option changes what the init does to the base (Astra's factor_init='zero_a' rewrites nothing):
-    # spec -> BaseRebuild. None: `base` whatever the spec.
-    base_for: Optional[Callable[[Any], BaseRebuild]] = None
 
     def __post_init__(self):
         check_choices(self)
-
-    def rebuild(self, spec=None) -> BaseRebuild:
-        """What this method's initialisation, configured by `spec` (a parsed `specs.MethodSpec`), does to the base.
-
-        Args:
-            spec: The parsed spec; None gives the method's declared `base`.
-
-        Returns:
-            The `BaseRebuild` that resuming from the initial adapter must apply.
-        """
-        return self.base_for(spec) if self.base_for is not None and spec is not None else self.base
 
     def option_types(self) -> dict[str, Any]:
         types: dict[str, Any] = dict(COMMON_OPTIONS) if self.peft else {"lr": float}
@@ -137,8 +123,7 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], type]] = None,
                     data: Optional[DataNeed] = None, peft: bool = True, base: BaseRebuild = BaseRebuild.KEEP,
-                    run_options: Optional[type] = None,
-                    base_for: Optional[Callable[[Any], BaseRebuild]] = None):
+                    run_options: Optional[type] = None):
     """Decorator: register `build(ctx, spec) -> BuiltModel` under `name`.
 
     Args:
@@ -153,7 +138,6 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
             initial adapter and compares the weights bit for bit.
         run_options: A dataclass whose fields are spec options the harness itself acts on (not fields of
             `config_cls`), e.g. Astra's ``rank_allocation``; its `__post_init__` validates them.
-        base_for: `base_for(spec) -> BaseRebuild` where a spec option changes `base` (see `Method.rebuild`).
 
     Returns:
         The decorator, which returns `build` unchanged.
@@ -167,7 +151,7 @@ def register_method(name: str, help: str, *, config_cls: Optional[Callable[[], t
             except ImportError:  # the method still builds (and fails with the real error) when chosen
                 cls = None
         METHODS[name] = Method(name=name, help=help, build=build, config_cls=cls, data=data, peft=peft, base=base,
-                               run_options=run_options, base_for=base_for)
+                               run_options=run_options)
         return build
 
     return wrap
@@ -181,12 +165,11 @@ def build_method(spec, ctx: BuildContext) -> BuiltModel:
         ctx: The model and what the method may use to initialise it.
 
     Returns:
-        The adapted model, with wall times and the method's report; `mutates_base` from the method's `base`
-        (as `spec` configures it: `Method.rebuild`).
+        The adapted model, with wall times and the method's report; `mutates_base` from the method's `base`.
     """
     method = METHODS[spec.method]
     built = method.build(ctx, spec)
-    built.mutates_base = method.rebuild(spec).rewrites_base
+    built.mutates_base = method.base.rewrites_base
     return built
 
 

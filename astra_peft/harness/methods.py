@@ -93,12 +93,6 @@ def _astra_config_cls():
     return AstraConfig
 
 
-def _astra_base(spec) -> BaseRebuild:
-    # factor_init='zero_a' (issue 15 §6, experimental) starts A = 0 and rewrites nothing: its adapter fits the
-    # original base, like LoRA's; every other factor_init takes s·B₀A₀ out of W in Astra's order.
-    return BaseRebuild.KEEP if spec.method_config().factor_init == "zero_a" else BaseRebuild.PRODUCT
-
-
 @register_method(
     "astra",
     "Astra: tail eigenvectors of the output-activation statistic (this package's core).",
@@ -106,7 +100,6 @@ def _astra_base(spec) -> BaseRebuild:
     data="activations",
     base=BaseRebuild.PRODUCT,
     run_options=AstraRunOptions,
-    base_for=_astra_base,
 )
 def _build_astra(ctx: BuildContext, spec) -> BuiltModel:
     from peft import get_peft_model

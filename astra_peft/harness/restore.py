@@ -19,7 +19,7 @@ from .rundir import RunDir
 
 
 @torch.no_grad()
-def restore_initial_adapter(model: nn.Module, adapter_dir, method, mutates_base: Optional[bool] = None):
+def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_base: Optional[bool] = None):
     """Rebuild what `build_method` made from its saved initial adapter, without calibrating again.
 
     A plain PeftModel with the saved weights and, for methods that rewrote the base, the base rebuilt as the
@@ -29,8 +29,7 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method, mutates_base:
     Args:
         model: The original base model, freshly loaded (its weights untouched).
         adapter_dir: The folder `save_pretrained` wrote right after `build_method`.
-        method: The parsed `specs.MethodSpec` that built it, or its registered method name (then the method's
-            declared `base`, which a spec option such as Astra's factor_init=zero_a can change: pass the spec).
+        method: The registered method name that built it.
         mutates_base: What the run directory recorded (init.json); must agree with the method's declaration.
 
     Returns:
@@ -42,9 +41,7 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method, mutates_base:
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils.save_and_load import load_peft_weights
 
-    spec = None if isinstance(method, str) else method
-    method = method if spec is None else spec.method
-    rebuild = METHODS[method].rebuild(spec)
+    rebuild = METHODS[method].base
     if mutates_base is not None and mutates_base != rebuild.rewrites_base:
         raise ValueError(
             f"{adapter_dir}: the run recorded mutates_base={mutates_base}, but method {method!r} declares "
@@ -85,7 +82,7 @@ def build_or_restore(spec, ctx: BuildContext, run: RunDir, fingerprint: str, is_
     initial adapter also serves the plain-LoRA conversion at the end."""
     init_dir, meta = run.file(RunDir.ADAPTER_INIT), run.read_init()
     if meta and meta.get("fingerprint") == fingerprint and init_dir.is_dir():
-        model = restore_initial_adapter(ctx.model, init_dir, spec, meta["mutates_base"])
+        model = restore_initial_adapter(ctx.model, init_dir, spec.method, meta["mutates_base"])
         if meta["report"].get("allocation"):  # the ranks the run allocated, whatever adapter_config.json says now
             check_restored_ranks(model, meta["report"]["allocation"]["ranks"], str(init_dir))
         return BuiltModel(model, calibration_seconds=meta["calibration_seconds"], init_seconds=meta["init_seconds"],

@@ -9,10 +9,6 @@ The call calibrates on the trainer's own training batches (its collator, its pad
 initial adapter once to `<output_dir>/astra_init/`, and installs `AstraTrainerCallback`, which adds the plain-LoRA
 conversion to every checkpoint and `save_model()` folder (see `folders.py` for the layout) and stops a resumed
 `train()` whose residual base is not the checkpoint's.
-
-AstraConfig(factor_init='zero_a') (experimental, issue 15 §6) goes through the same bookkeeping unchanged: its A₀ = 0,
-so its "residual" is the original base itself (initialising writes no weight; restoring subtracts s·B₀·0 = 0), and
-the plain-LoRA conversion is exact, with zero extra rows.
 """
 
 from __future__ import annotations
