@@ -55,3 +55,18 @@ def test_rule_waits_for_missing_pairs(monkeypatch):
     text = section(monkeypatch, {"nlu": runs("nlu"), "nlg": runs("nlg", seeds=(0, 1))})
     assert "- S (factor_init=lora_scale) against LoRA: not decidable yet (18 of 21 pairs)" in text
     assert "below, interval excluding 0" not in text
+
+
+def test_a_retired_phase_is_refused_before_its_folder_is_touched_and_lists_why(monkeypatch):
+    import pytest
+
+    monkeypatch.chdir(Path.cwd())  # main() moves to the repository root; the working directory is put back after
+    touched = []
+    monkeypatch.setattr(vr.run_study.pack_runs, "unpack", lambda folder: touched.append(folder) or 0)
+    for phase in ("variants-nlu", "variants-nlg", "forgetting-variants-social-iqa"):
+        with pytest.raises(SystemExit, match="retired: AstraConfig.factor_init was removed"):
+            vr.run_study.main([phase])
+        lines = list(vr.run_study.command_lines(vr.run_study.phases()[phase]))
+        assert lines[0].startswith("# retired: ") and vr.run_study.VARIANTS_COMMIT in lines[0]
+        assert all("factor_init=" in line for line in lines[1:]) and len(lines) > 1
+    assert touched == []
