@@ -24,8 +24,8 @@ import seeds5_results  # noqa: E402
 import variants_results  # noqa: E402
 import pack_runs  # noqa: E402
 import run_study  # noqa: E402
-from paired_stats import BOOTSTRAP, finals as _finals, paired_effect as _paired_effect, paired_with_default  # noqa: E402
-from paired_stats import sign_test as _sign_test  # noqa: E402
+from paired_stats import BOOTSTRAP, finals as _finals, paired_effect as _paired_effect  # noqa: E402
+from paired_stats import paired_with_default, sign_test as _sign_test  # noqa: E402
 
 from astra_peft.harness.plots import plot_curves  # noqa: E402
 from astra_peft.harness.report import markdown_table, mean_std_cell  # noqa: E402
@@ -36,19 +36,9 @@ FIGURES = OUT.parent / "figures"
 MAIN_PLOT = ("astra", "lora", "pissa", "full")
 
 
-def _wall_times() -> dict[str, float]:
-    log = run_study.RUNS / "wall_times.csv"
-    totals: dict[str, float] = defaultdict(float)
-    if log.exists():
-        for row in csv.reader(log.open()):
-            totals[row[0]] += float(row[1])
-    return totals
-
-
-def _cost_table() -> str:
-    """Per phase, from study/runs/wall_times.csv (one row per command the driver ran): commands, failed ones, and the
-    driver's wall time in minutes of one core (the study runs one job per core, one thread each; a command slowed by
-    work beside it shows that in its own row)."""
+def _wall_times() -> dict[str, list]:
+    """Per phase, in the order phases first ran, from study/runs/wall_times.csv (one row per command the driver
+    ran): [commands, failed commands, the driver's wall time in seconds]."""
     log = run_study.RUNS / "wall_times.csv"
     rows: dict[str, list] = {}
     if log.exists():
@@ -57,8 +47,14 @@ def _cost_table() -> str:
             total[0] += 1
             total[1] += code != "0"
             total[2] += float(seconds)
+    return rows
+
+
+def _cost_table(walls: dict[str, list]) -> str:
+    """Per phase: commands, failed ones, and the driver's wall time in minutes of one core (the study runs one job
+    per core, one thread each; a command slowed by work beside it shows that in its own row)."""
     lines = ["| phase | commands | failed | driver wall time (min of one core) |", "|---|---|---|---|"]
-    lines += [f"| {name} | {n} | {failed} | {seconds / 60:.1f} |" for name, (n, failed, seconds) in rows.items()]
+    lines += [f"| {name} | {n} | {failed} | {seconds / 60:.1f} |" for name, (n, failed, seconds) in walls.items()]
     return ("## Cost per phase\n\nFrom study/runs/wall_times.csv, in the order phases first ran (runs split by hand "
             "across cores in the first sessions are not in it):\n\n" + "\n".join(lines) + "\n")
 
@@ -198,7 +194,7 @@ def main():
     printed_pairs: set = set()
 
     def folder_wall(folder: str) -> float:
-        return sum(seconds for name, seconds in walls.items() if name in table and table[name].folder == folder)
+        return sum(seconds for name, (_, _, seconds) in walls.items() if name in table and table[name].folder == folder)
 
     for name, phase in table.items():
         if name.startswith("seeds5-"):  # pooled with the main folders' seeds in their own section, at the end
@@ -262,7 +258,7 @@ def main():
     parts.append(forgetting_results.section(forget, FIGURES, order=_command_methods(first)))
     parts.append(variants_results.section(table))
     parts.append(seeds5_results.section(table))
-    parts.append(_cost_table())
+    parts.append(_cost_table(walls))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
     for folder in pack_runs.folders():
