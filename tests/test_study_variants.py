@@ -70,3 +70,12 @@ def test_a_retired_phase_is_refused_before_its_folder_is_touched_and_lists_why(m
         assert lines[0].startswith("# retired: ") and vr.run_study.VARIANTS_COMMIT in lines[0]
         assert all("factor_init=" in line for line in lines[1:]) and len(lines) > 1
     assert touched == []
+    # 'all' passes over them rather than stopping at the first: every phase before and after still runs
+    ran = []
+    monkeypatch.setattr(vr.run_study, "phases", lambda: {
+        "a": vr.run_study.Phase(lambda: iter(()), "fa"),
+        "old": vr.run_study.Phase(lambda: iter(()), "fo", retired="gone"),
+        "b": vr.run_study.Phase(lambda: iter(()), "fb")})
+    monkeypatch.setattr(vr.run_study.pack_runs, "unpack", lambda folder: ran.append(folder) or 0)
+    vr.run_study.main(["all"])
+    assert ran == ["fa", "fb"]
