@@ -4,7 +4,8 @@
 
 Each phase of study/run_study.py becomes a section: its commands, how many runs have finished, the
 table in the paper's shape (mean ± std over seeds), and the wall time the runs cost.
-The forgetting phases get, beside theirs, one section together (forgetting_results.py: issue 15 §1).
+The forgetting phases get, beside theirs, one section together (forgetting_results.py: issue 15 §1); the variants,
+five-seed and longer-training phases one each (variants_results.py, seeds5_results.py, long_results.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import forgetting_results  # noqa: E402
+import long_results  # noqa: E402
 import seeds5_results  # noqa: E402
 import variants_results  # noqa: E402
 import pack_runs  # noqa: E402
@@ -258,6 +260,7 @@ def main():
     parts.append(forgetting_results.section(forget, FIGURES, order=_command_methods(first)))
     parts.append(variants_results.section(table))
     parts.append(seeds5_results.section(table))
+    parts.append(long_results.section(table))
     parts.append(_cost_table(walls))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
