@@ -9,6 +9,10 @@ study/runs/<folder>/, which `study/make_results.py` turns into the tables. Run d
 (--no-save-weights); study/pack_runs.py folds each folder into one committed file, study/runs/<folder>.jsonl.gz,
 byte for byte. Before a phase runs, its folder is unpacked (so `astra compare` sees the finished runs and skips
 them) and after each command it is packed again: a later session continues where an interrupted one stopped.
+
+A phase may also run on both cores at once: start it twice (one process per core, OMP_NUM_THREADS=1, taskset). Each
+`astra compare` skips the run the other is writing (its lock file), unpacking leaves run folders on disk alone, and
+each pack folds in every run folder on disk; a phase that reads this one's tuning may start only when both are done.
 """
 
 from __future__ import annotations
