@@ -79,6 +79,14 @@ def order(means: dict[str, float], metric: str) -> str:
     return text
 
 
+def _verdict(effect: dict) -> str:
+    """Loss against LoRA by the paired t interval: 'lower' or 'higher' where it excludes 0, else 'level'."""
+    if "t_range" not in effect:
+        return "–"
+    low, high = effect["t_range"]
+    return "lower" if high < 0 else "higher" if low > 0 else "level"
+
+
 def _paired_rows(budget: str, by_method: dict[str, dict[int, dict]]) -> list[str]:
     lora = by_method.get("lora", {})
     rows = []
@@ -91,7 +99,8 @@ def _paired_rows(budget: str, by_method: dict[str, dict[int, dict]]) -> list[str
         lower = sum(d < 0 for d in d_loss)
         effect = paired_effect(d_loss)
         rows.append(f"| {m} | {budget} | {len(seeds)} | {lower} | {sign_test(lower, len(seeds)):.3f} | "
-                    f"{effect['mean']} | {effect['t']} | {effect['boot']} | {statistics.fmean(d_acc):+.2f} |")
+                    f"{effect['mean']} | {effect['t']} | {effect['boot']} | {_verdict(effect)} | "
+                    f"{statistics.fmean(d_acc):+.2f} |")
     return rows
 
 
@@ -131,11 +140,12 @@ def kind_section(kind: str, main_runs: list[dict], long_runs: list[dict]) -> str
     if rows:
         lines += ["Each method against LoRA at the same budget, paired by seed: pairs, in how many its held-out loss "
                   "is lower (two-sided sign test p), the mean loss difference (method − LoRA; negative: better than "
-                  "LoRA) with its 95% intervals (paired t; paired bootstrap), and the mean accuracy difference in "
-                  "points:\n",
+                  "LoRA) with its 95% intervals (paired t; paired bootstrap), the loss against LoRA by the t "
+                  "interval (lower or higher where it excludes 0, else level: the order that is more than noise), "
+                  "and the mean accuracy difference in points:\n",
                   "| method | budget | pairs | lower loss | p | mean loss difference | 95% CI (paired t) | "
-                  "95% CI (paired bootstrap) | mean accuracy difference |",
-                  "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+                  "95% CI (paired bootstrap) | loss vs LoRA | mean accuracy difference |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
     return "\n".join(lines)
 
 

@@ -21,8 +21,9 @@ def sign_test(wins: int, n: int) -> float:
 
 
 def paired_effect(diffs: list[float]) -> dict:
-    """Mean of paired differences with its 95% t and bootstrap intervals and Cohen's d_z ('–' where undefined:
-    one pair, or differences without spread)."""
+    """Mean of paired differences with its 95% t and bootstrap intervals and Cohen's d_z, as table cells ('–' where
+    undefined: one pair, or differences without spread); with two pairs or more also "t_range", the t interval's
+    (low, high)."""
     import numpy as np
     from scipy import stats
 
@@ -34,6 +35,7 @@ def paired_effect(diffs: list[float]) -> dict:
     sd = float(d.std(ddof=1))
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     out["t"] = f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+    out["t_range"] = (mean - half, mean + half)  # the same interval as numbers, for verdicts drawn from it
     idx = np.random.RandomState(BOOTSTRAP["seed"]).randint(0, n, size=(BOOTSTRAP["resamples"], n))
     lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
     out["boot"] = f"[{lo:+.4f}, {hi:+.4f}]"

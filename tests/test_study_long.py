@@ -64,6 +64,9 @@ def test_complete_section_orders_both_budgets_and_pairs_with_lora(monkeypatch):
     astra_5x = next(line for line in text.splitlines() if line.startswith("| astra | 5× |"))
     cells = [c.strip() for c in astra_5x.strip("|").split("|")]
     assert cells[2:6] == ["3", "3", "0.250", "-0.2000"]  # -0.2, -0.1, -0.3
+    assert cells[8] == "level"  # t interval -0.2 ± 4.303 · 0.1 / √3 = [-0.448, +0.048] includes 0
+    largest_5x = next(line for line in text.splitlines() if line.startswith(f"| {LARGEST} | 5× |"))
+    assert "| +0.5000 | [+0.2516, +0.7484] |" in largest_5x and "| higher |" in largest_5x  # 0.6, 0.5, 0.4
     assert cells[-1] == "+2.00"  # accuracy 1 − loss/10: +0.02 → +2 points
 
 
