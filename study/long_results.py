@@ -25,9 +25,10 @@ SPLIT = "test"
 SEEDS = (0, 1, 2)
 LABEL = {"1x": "1×", "5x": "5×"}  # the two budgets: the main tables' steps and 5× them
 LARGEST = "astra:eigen_selection=largest"
-# per kind: the main folder, its shared adapter-rate tuning, the own-rate tuning of `largest`, the verdict metric
-KINDS = {"nlu": dict(main="nlu-main", tune="nlu-lr", largest="nlu-lr-largest", metric="accuracy"),
-         "nlg": dict(main="nlg-main", tune="nlg-lr", largest="nlg-lr-largest", metric="loss")}
+# per kind: the main tables' settings and folder, their shared adapter-rate tuning, the own-rate tuning of `largest`,
+# the verdict metric
+KINDS = {"nlu": dict(cfg=run_study.NLU, main="nlu-main", tune="nlu-lr", largest="nlu-lr-largest", metric="accuracy"),
+         "nlg": dict(cfg=run_study.NLG, main="nlg-main", tune="nlg-lr", largest="nlg-lr-largest", metric="loss")}
 
 
 def _tuned(phase: str, methods: list[str]) -> Optional[str]:
@@ -107,8 +108,7 @@ def _paired_rows(budget: str, by_method: dict[str, dict[int, dict]]) -> list[str
 def kind_section(kind: str, main_runs: list[dict], long_runs: list[dict]) -> str:
     """The comparison for one kind from the runs of its main folder and of long-main-<kind>."""
     k, task = KINDS[kind], run_study.LONG[kind][1]
-    steps = {"1x": run_study.NLU["steps"] if kind == "nlu" else run_study.NLG["steps"],
-             "5x": run_study.LONG[kind][0]["steps"]}
+    steps = {"1x": k["cfg"]["steps"], "5x": run_study.LONG[kind][0]["steps"]}
     lrs = rates(kind)
     found = {b: {m: cells(main_runs if b == "1x" else long_runs, m, lrs[m][b], task) for m in lrs}
              for b in ("1x", "5x")}
@@ -134,8 +134,9 @@ def kind_section(kind: str, main_runs: list[dict], long_runs: list[dict]) -> str
                      f"(all {len(lrs)} methods × {len(SEEDS)} seeds at both budgets).\n")
     else:
         have = sum(len(found["5x"][m]) for m in lrs)
-        lines.append(f"Not decidable yet: {have} of {len(lrs) * len(SEEDS)} runs at 5× have finished (and every "
-                     "method needs its 5× rate tuned first).\n")
+        untuned = [m for m in lrs if lrs[m]["5x"] is None]
+        lines.append(f"Not decidable yet: {have} of {len(lrs) * len(SEEDS)} runs at 5× have finished"
+                     + (f" (not yet tuned at 5×: {', '.join(untuned)})" if untuned else "") + ".\n")
     rows = _paired_rows(LABEL["1x"], found["1x"]) + _paired_rows(LABEL["5x"], found["5x"])
     if rows:
         lines += ["Each method against LoRA at the same budget, paired by seed: pairs, in how many its held-out loss "

@@ -76,10 +76,11 @@ def test_partial_data_is_not_decided(monkeypatch):
     same = {"lora": [2.0, 2.1, 2.2], "astra": [2.1, 2.2, 2.3], LARGEST: [2.2, 2.3, 2.4], "pissa": [2.3, 2.4, 2.5]}
     long = four_by_three(rates, "5x", same)[:-1]  # PiSSA's seed 2 at 5× not finished
     text = lr.kind_section("nlg", four_by_three(rates, "1x", same), long)
-    assert "Not decidable yet: 11 of 12 runs at 5×" in text and "**Order" not in text
+    assert "Not decidable yet: 11 of 12 runs at 5× have finished." in text and "**Order" not in text
 
 
 def test_nothing_tuned_yet(monkeypatch):
     monkeypatch.setattr(lr, "_tuned", lambda phase, methods: None)
     text = lr.kind_section("nlu", [], [])
-    assert "not tuned" in text and "no run yet" in text and "Not decidable yet: 0 of 12" in text
+    assert "not tuned" in text and "no run yet" in text
+    assert "Not decidable yet: 0 of 12 runs at 5× have finished (not yet tuned at 5×: lora, astra," in text
