@@ -17,7 +17,7 @@ from typing import Optional
 
 import pack_runs
 import run_study
-from paired_stats import paired_effect, sign_test
+from paired_stats import finals, paired_effect, sign_test
 
 from astra_peft.harness.report import mean_std_cell
 
@@ -61,10 +61,8 @@ def cells(runs: list[dict], method: str, lr: Optional[str], task: str) -> dict[i
     if lr is None:
         return {}
     spec = f"{method}:lr={lr}"
-    return {r["seed"]: r["final"][SPLIT] for r in runs
-            if r["method"] == spec and r["task"] == task and r["seed"] in SEEDS
-            and r.get("final", {}).get(SPLIT, {}).get("loss") is not None
-            and r["final"][SPLIT].get("accuracy") is not None}
+    return {s: final for (m, t, s), final in finals(runs, SPLIT).items()
+            if m == spec and t == task and s in SEEDS and final.get("loss") is not None}
 
 
 def _cell(values: list[float], scale: float, digits: int) -> str:
