@@ -122,13 +122,12 @@ def kind_section(kind: str, main_runs: list[dict], long_runs: list[dict]) -> str
     lines.append("")
     metric = k["metric"]
     complete = all(len(found[b][m]) == len(SEEDS) for b in found for m in lrs)
+    orders = {b: order({m: statistics.fmean(c[metric] for c in found[b][m].values()) for m in lrs if found[b][m]},
+                       metric) for b in found}
     for b in found:
-        means = {m: statistics.fmean(c[metric] for c in found[b][m].values()) for m in lrs if found[b][m]}
-        lines.append(f"Order by mean {metric} at {LABEL[b]}: {order(means, metric) or 'no run yet'}  ")
+        lines.append(f"Order by mean {metric} at {LABEL[b]}: {orders[b] or 'no run yet'}  ")
     if complete:
-        same = [order({m: statistics.fmean(c[metric] for c in found[b][m].values()) for m in lrs}, metric)
-                for b in found]
-        lines.append(f"**Order {'unchanged' if same[0] == same[1] else 'changed'}** at 5× the budget "
+        lines.append(f"**Order {'unchanged' if orders['1x'] == orders['5x'] else 'changed'}** at 5× the budget "
                      f"(all {len(lrs)} methods × {len(SEEDS)} seeds at both budgets).\n")
     else:
         have = sum(len(found["5x"][m]) for m in lrs)
