@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from ._adapter_checks import check_base_as_loaded, check_plain_lora, check_unshared
 from ._workers import layer_workers, ordered_map
 from .calibration import ForwardFn, collect_activation_stats
 from .config import AccumulatorKind, AstraConfig
@@ -98,8 +99,10 @@ def initialize_astra_weights(
     Raises:
         ValueError: No LoRA layer of `adapter_name`; neither `dataloader` nor `stats`; `stats` from another model,
             other target layers or another statistic; a layer with too few calibration tokens for its statistic,
-            a rank above its output dimension, a DoRA or `lora_bias` adapter; a selection the `null_space` policy
-            refuses.
+            a rank above its output dimension, a DoRA, `lora_bias` or other LoRA-variant adapter; an adapter made
+            with an initialisation that rewrites the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA); a target
+            layer whose weight another module shares (tied embeddings, `layer_replication`); a selection the
+            `null_space` policy refuses.
         TypeError: A base layer Astra cannot rewrite exactly (quantized, another type, a non-float weight), or a
             model wrapped by FSDP1.
         RuntimeError: The layer was already initialised by Astra (its weight is a residual), or a sharded weight
@@ -112,7 +115,9 @@ def initialize_astra_weights(
     layers = lora_layers(peft_model, adapter_name)
     if not layers:
         raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
+    check_base_as_loaded(peft_model, adapter_name)
     _check_layers(layers, adapter_name)
+    check_unshared(peft_model, layers)
     report = AstraReport(config)
     if stats is None:
         if dataloader is None:
@@ -190,10 +195,7 @@ def _check_tokens(name: str, tokens: int, d_out: int, d_in: int, config: AstraCo
 def _check_layers(layers: dict, adapter_name: str) -> None:
     for name, layer in layers.items():
         check_supported(name, layer.get_base_layer())
-        if layer.use_dora.get(adapter_name, False):
-            raise ValueError(f"Layer '{name}': Astra does not initialise DoRA adapters (use_dora=True).")
-        if getattr(layer, "lora_bias", {}).get(adapter_name, False):
-            raise ValueError(f"Layer '{name}': Astra does not support lora_bias=True.")
+        check_plain_lora(name, layer, adapter_name)
         d_out, _ = out_in_dims(layer.get_base_layer())
         r = layer.r[adapter_name]
         if r > d_out:

@@ -113,6 +113,63 @@ def test_dora_adapter_rejected():
     _fails(model, ValueError, "DoRA", make_batches(), AstraConfig(**QUIET))
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "lora_ga"])
+def test_initialisation_that_rewrote_the_base_is_refused(init):
+    """PiSSA/OLoRA subtract their start from W when the adapter is made: Astra on top changed the outputs at init
+    and returned normally."""
+    model = peft_model("llama", init_lora_weights=init)
+    _fails(model, ValueError, rf"Adapter 'default' .*init_lora_weights='{init}'.*init_lora_weights=True",
+           make_batches(), AstraConfig(**QUIET))
+
+
+def test_another_adapter_that_rewrote_the_base_is_refused():
+    model = peft_model("llama")
+    model.add_adapter("other", lora_config("llama", init_lora_weights="pissa"))
+    _fails(model, ValueError, "Adapter 'other' .*'pissa'", make_batches(), AstraConfig(**QUIET))
+
+
+@pytest.mark.parametrize("option, variant", [
+    (dict(alora_invocation_tokens=[5, 6]), "ALoraLinearVariant"),  # B·A only after the invocation tokens
+    (dict(kasa_config={}), "KasaLinearVariant"),
+    (dict(init_lora_weights="mica"), "MiCALinearVariant"),  # B frozen in training
+])
+def test_lora_variants_are_refused_naming_the_layer(option, variant):
+    """aLoRA changed the outputs at init (B·A acts only after the invocation tokens); the others train another
+    method."""
+    _fails(peft_model("llama", **option), ValueError, rf"Layer 'model\.layers\.0\.self_attn\.q_proj'.*{variant}",
+           make_batches(), AstraConfig(**QUIET))
+
+
+def test_tied_output_embedding_is_refused():
+    """A targeted lm_head tied to the input embedding: W ← W − s·B·A rewrote the embedding too (outputs off at
+    init with `largest`; the tail happened to sit in the null space, so `smallest` hid it)."""
+    from conftest import tiny_model
+
+    model = get_peft_model(tiny_model("llama", tie_word_embeddings=True),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
+    _fails(model, ValueError, "Layer 'lm_head' shares its weight with 'model.embed_tokens'", make_batches(),
+           AstraConfig(eigen_selection="largest", **QUIET))
+
+
+def test_replicated_layers_are_refused():
+    """layer_replication shares one base weight between copies: it was rewritten once per copy."""
+    model = peft_model("llama", layer_replication=[[0, 2], [1, 2]])
+    _fails(model, ValueError, r"Layer 'model\.layers\.1\.self_attn\.q_proj' shares its weight with "
+           r"'model\.layers\.2\.self_attn\.q_proj'", make_batches(), AstraConfig(**QUIET))
+
+
+def test_initialisations_that_keep_the_base_still_work():
+    """The allow-list's other members: Astra replaces A and B, outputs unchanged at init."""
+    from conftest import logits
+
+    batch = make_batches(1)[0]
+    reference = logits(tiny_llama(), batch)
+    for init in (False, "gaussian", "orthogonal", "eva"):
+        model = peft_model("llama", init_lora_weights=init).eval()
+        initialize_astra_weights(model, make_batches(), AstraConfig(**QUIET))
+        assert torch.allclose(logits(model, batch), reference, atol=1e-5), init
+
+
 def test_null_space_raise_policy_leaves_model_untouched():
     _fails(peft_model("llama"), ValueError, "degenerate", make_batches(), AstraConfig(null_space="raise", **QUIET))
 
