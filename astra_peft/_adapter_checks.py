@@ -34,9 +34,9 @@ def check_base_as_loaded(peft_model: nn.Module, adapter_name: str) -> None:
 
 
 def check_plain_lora(name: str, layer: nn.Module, adapter_name: str) -> None:
-    """Raise if `layer`'s adapter is a LoRA variant (DoRA, aLoRA, KaSA, MiCA, ...): its forward is not W·x + s·B·A·x,
-    so a residual W − s·B·A would not give back the base model's outputs (aLoRA, for one, applies B·A only after
-    its invocation tokens), or its training is not LoRA's (MiCA freezes B)."""
+    """Raise if `layer`'s adapter is a LoRA variant (DoRA, aLoRA, KaSA, MiCA, ...): its forward is not
+    W·x + s·B·A·x, so a residual W − s·B·A would not give back the base model's outputs (aLoRA, for one, applies
+    B·A only after its invocation tokens), or its training is not LoRA's (MiCA freezes B)."""
     if layer.use_dora.get(adapter_name, False):
         raise ValueError(f"Layer '{name}': Astra does not initialise DoRA adapters (use_dora=True).")
     if getattr(layer, "lora_bias", {}).get(adapter_name, False):

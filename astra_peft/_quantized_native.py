@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from ._adapter_checks import check_base_as_loaded
 from ._bnb4bit import dequantized_weight, disable_cpu_weight_packing, is_4bit
 from .calibration import ForwardFn
 from .config import AstraConfig
@@ -67,6 +68,9 @@ def initialize_astra_on_quantized(
         raise ValueError(f"No LoRA layer of adapter '{adapter_name}' was found in the model.")
     if isinstance(original_model, PeftModel) or lora_layers(original_model, adapter_name):
         raise ValueError("original_model must be the plain full-precision model, not a PeftModel.")
+    # The shadow below is made with init_lora_weights=True and checks everything else (variants, shared weights);
+    # the 4-bit model's own adapters must not have rewritten its base either.
+    check_base_as_loaded(peft_model, adapter_name)
     for name, layer in layers.items():
         base = layer.get_base_layer()
         if not is_4bit(base):
