@@ -126,7 +126,8 @@ def initialize_astra_for_trainer(
 
     Raises:
         ValueError: The trainer's model is not a single-adapter PeftModel, the trainer uses DeepSpeed ZeRO-3 or FSDP
-            (not supported yet), `num_batches` < 1, the batches hold too few tokens (the message says how to get
+            (not supported yet), the trainer scores a reference with the adapters disabled (TRL's DPO, KTO, GRPO,
+            RLOO without a ref_model), `num_batches` < 1, the batches hold too few tokens (the message says how to get
             more), or the checkpoint does not fit the model.
         RuntimeError: The trainer has started (an optimizer exists or `global_step` > 0), or the model was
             already initialised by Astra.
@@ -135,6 +136,7 @@ def initialize_astra_for_trainer(
     model, adapter_name = _single_adapter_model(trainer)
     _refuse_started(trainer)
     _refuse_sharded(trainer, model)
+    _refuse_reference_from_disabled_adapters(trainer)
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}.")
     output_dir = Path(trainer.args.output_dir)
@@ -299,6 +301,23 @@ def _refuse_sharded(trainer, model) -> None:
             f"{'DeepSpeed ZeRO-3' if partitioned else 'FSDP'} trainers yet: initialise with "
             "astra_peft.initialize_astra_weights before building the trainer (see the README's DeepSpeed and FSDP "
             "routes), save the adapter right after, and convert at the end with astra_peft.save_as_lora."
+        )
+
+
+def _refuse_reference_from_disabled_adapters(trainer) -> None:
+    # TRL's preference and RL trainers (DPO, KTO, GRPO, RLOO), given a PeftModel and no ref_model, score the
+    # reference with the adapters disabled (`ref_model` is None; GRPO/RLOO with beta 0 use no reference). After
+    # Astra that is the residual W − s·B·A, not the model being fine-tuned: the log-ratios and KL terms would be
+    # off with no error (tests/test_trainer_integration.py shows it). Initialised before the trainer is built,
+    # the PeftModel is given a "ref" adapter copied from the initial one by TRL, and residual + ref is the original.
+    if getattr(trainer, "ref_model", False) is None and getattr(trainer, "beta", 1.0) != 0.0:
+        raise ValueError(
+            f"{type(trainer).__name__} scores its reference with this model's adapters disabled (ref_model=None), "
+            "which after Astra's rewrite is the residual base W − s·B·A, not the model you fine-tune from: the "
+            "reference log-probabilities would be silently wrong. Initialise Astra before building the trainer "
+            "(astra_peft.initialize_astra_weights on the PeftModel) and pass that PeftModel as `model`: TRL then "
+            "keeps a copy of the initial adapter as its 'ref' adapter, and the residual base with it is the "
+            "original model. Save the trained adapter with astra_peft.save_as_lora. Or pass an explicit ref_model."
         )
 
 
