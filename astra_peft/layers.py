@@ -71,6 +71,12 @@ def check_supported(name: str, layer: nn.Module) -> None:
         )
     if not layer.weight.dtype.is_floating_point:
         raise TypeError(f"Layer '{name}' has a {layer.weight.dtype} weight; Astra needs a floating-point weight.")
+    if layer.weight.is_meta:  # accelerate's disk/CPU offload (device_map + offload_folder) or init_empty_weights
+        raise TypeError(
+            f"Layer '{name}' has its weight on the meta device (offloaded by a device_map with offload_folder, or "
+            "never loaded): Astra reads W and rewrites it in place. Load the model without offloading "
+            "(device_map=None or every module on one device), initialise, then save it or offload it."
+        )
     # A weight that is not the layer's full (d_out, d_in) matrix is a view some wrapper made of it (FSDP1's flat
     # parameters, a wrapper's empty placeholder): reading it would fail deep inside torch, or silently mislead.
     shape = logical_shape(layer.weight)

@@ -108,6 +108,23 @@ def test_unsupported_base_layer_type():
     _fails(model, TypeError, "quantized layers are not supported", make_batches(), AstraConfig(**QUIET))
 
 
+def test_offloaded_weight_is_refused_naming_the_layer(tmp_path):
+    """accelerate's disk offload leaves the layer's weight on the meta device: torch failed deep inside with
+    "Cannot copy out of meta tensor", naming nothing."""
+    from transformers import LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map, offload_folder=tmp_path / "off")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    snapshot = {k: v.clone() for k, v in model.state_dict().items() if not v.is_meta}  # torch.equal has no meta kernel
+    with pytest.raises(TypeError, match=r"Layer 'model\.layers\.1\.self_attn\.q_proj' has its weight on the meta"):
+        initialize_astra_weights(model, make_batches(), AstraConfig(**QUIET))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
 def test_dora_adapter_rejected():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
     _fails(model, ValueError, "DoRA", make_batches(), AstraConfig(**QUIET))
