@@ -103,8 +103,8 @@ def initialize_astra_weights(
             with an initialisation that rewrites the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA); a target
             layer whose weight another module shares (tied embeddings, `layer_replication`); a selection the
             `null_space` policy refuses.
-        TypeError: A base layer Astra cannot rewrite exactly (quantized, another type, a non-float weight), or a
-            model wrapped by FSDP1.
+        TypeError: A base layer Astra cannot rewrite exactly (quantized, another type, a non-float weight, a weight
+            offloaded to the meta device), or a model wrapped by FSDP1.
         RuntimeError: The layer was already initialised by Astra (its weight is a residual), or a sharded weight
             cannot be written where training reads it.
         FloatingPointError: Non-finite activations during calibration (the first layer is named).

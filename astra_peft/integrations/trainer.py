@@ -308,7 +308,7 @@ def _refuse_reference_from_disabled_adapters(trainer) -> None:
     # TRL's preference and RL trainers (DPO, KTO, GRPO, RLOO), given a PeftModel and no ref_model, score the
     # reference with the adapters disabled (`ref_model` is None; GRPO/RLOO with beta 0 use no reference). After
     # Astra that is the residual W − s·B·A, not the model being fine-tuned: the log-ratios and KL terms would be
-    # off with no error (tests/test_trainer_integration.py shows it). Initialised before the trainer is built,
+    # off with no error (tests/test_trl_reference.py shows it). Initialised before the trainer is built,
     # the PeftModel is given a "ref" adapter copied from the initial one by TRL, and residual + ref is the original.
     if getattr(trainer, "ref_model", False) is None and getattr(trainer, "beta", 1.0) != 0.0:
         raise ValueError(
