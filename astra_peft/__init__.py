@@ -24,6 +24,7 @@ _EXPORTS = {
     "effective_ranks": "analysis",
     "initialize_astra_weights": "initialization",
     "save_as_lora": "conversion",
+    "load_residual_adapter": "conversion",
     "quantize_astra_model": "quantized",
     "initialize_astra_on_quantized": "quantized",
     "initialize_astra_for_trainer": "integrations",
@@ -43,6 +44,7 @@ __all__ = [
     "effective_ranks",
     "initialize_astra_weights",
     "save_as_lora",
+    "load_residual_adapter",
     "quantize_astra_model",
     "initialize_astra_on_quantized",
     "initialize_astra_for_trainer",
@@ -55,7 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .allocation import RankAllocation, allocate_ranks
     from .calibration import collect_activation_stats
     from .config import AstraConfig
-    from .conversion import save_as_lora
+    from .conversion import load_residual_adapter, save_as_lora
     from .data import calibration_batches
     from .initialization import AstraReport, initialize_astra_weights
     from .integrations import AstraTrainerCallback, initialize_astra_for_trainer, restore_astra_initialization

@@ -8,9 +8,48 @@ wrong on the original base).
 
 from __future__ import annotations
 
+from peft import LoraConfig
 from torch import nn
 
 from .layers import canonical_name
+
+# `init_lora_weights` in the SAVED config of an adapter Astra initialised: its files fit only the residual base
+# W − s·B·A, and PEFT refuses to load an unknown value, so they cannot be put on the original base by mistake.
+ASTRA_MARKER = "astra"
+
+
+class ResidualLoraConfig(LoraConfig):
+    """A LoraConfig whose saved form says `init_lora_weights: "astra"` while the object itself keeps its value.
+
+    Why not set the attribute: code that makes another adapter from this config (`add_adapter(name, config)`,
+    TRL's frozen "ref" copy of the adapter) would then meet PEFT's "Unknown initialization". Why the flag: PEFT's
+    own conversion for the original base (`save_pretrained(..., path_initial_model_for_weight_conversion=...)`)
+    deep-copies the config and sets `init_lora_weights = True`; any assignment means the caller decides again.
+    """
+
+    def __setattr__(self, name, value):
+        if name == "init_lora_weights":
+            object.__setattr__(self, "_astra_residual", False)
+        super().__setattr__(name, value)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if getattr(self, "_astra_residual", False):
+            out["init_lora_weights"] = ASTRA_MARKER
+        return out
+
+
+def mark_residual(config) -> None:
+    """Make every later save of `config` (a plain LoraConfig) say that the adapter needs the residual base."""
+    if type(config) is LoraConfig:  # a subclass someone else made is left alone rather than re-parented
+        config.__class__ = ResidualLoraConfig
+    if isinstance(config, ResidualLoraConfig):
+        object.__setattr__(config, "_astra_residual", True)
+
+
+def is_residual(config) -> bool:
+    """Whether `config` belongs to an adapter Astra initialised (in memory, or as saved)."""
+    return getattr(config, "_astra_residual", False) or getattr(config, "init_lora_weights", None) == ASTRA_MARKER
 
 # `LoraConfig.init_lora_weights` values that leave the base weights as they were loaded. The others (PiSSA, OLoRA,
 # CorDA, LoftQ, LoRA-GA) subtract their own start from W when the adapter is made, so Astra would calibrate on
@@ -23,6 +62,14 @@ def check_base_as_loaded(peft_model: nn.Module, adapter_name: str) -> None:
     """Raise if any adapter of `peft_model` was made with an initialisation that rewrote the base weights."""
     for name, config in getattr(peft_model, "peft_config", {}).items():
         init = getattr(config, "init_lora_weights", True)
+        if is_residual(config):
+            if name == adapter_name:  # e.g. a residual-form adapter loaded back onto its residual base
+                raise RuntimeError(
+                    f"Adapter '{name}' was already initialised by Astra (it was saved or loaded as Astra's, "
+                    f"init_lora_weights '{ASTRA_MARKER}'): the base weights are its residual, so initialising again "
+                    "would stack a second residual on them. Start from a fresh PeftModel of the original base model."
+                )
+            continue  # another adapter's Astra residual: its layers are checked one by one (_check_layers)
         if init not in KEEPS_BASE:
             what = "Astra replaces that initialisation" if name == adapter_name else "it is on the same base"
             raise ValueError(

@@ -24,6 +24,7 @@ from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
+from ._adapter_checks import ASTRA_MARKER, mark_residual
 from ._io import atomic_path
 
 
@@ -192,6 +193,37 @@ def save_as_lora(model: PeftModel, path, initial_path, adapter_name: str = "defa
         if failure[0] is not None:
             raise RuntimeError(f"save_as_lora failed on rank 0, which writes the files: {failure[0]}")
     return folder
+
+
+def load_residual_adapter(model, folder, adapter_name: str = "default", *, is_trainable: bool = False) -> PeftModel:
+    """Load an adapter saved in residual form (`save_pretrained` after `initialize_astra_weights`) onto its base.
+
+    Such an adapter reproduces the trained model only on the residual base W − s·B₀·A₀ it was trained on (for
+    example `peft_model.unload()` saved next to it, or what `astra_peft.quantized.save_for_quantized_base` writes),
+    so its config says `init_lora_weights: "astra"` and `PeftModel.from_pretrained` refuses it; on the original
+    base, load the plain LoRA `save_as_lora` writes instead. This reads the config, loads the weights as they are
+    (no initialisation runs), and marks the loaded adapter again, so that its next save says the same.
+
+    Args:
+        model: The residual base model (not the original one: nothing here can tell them apart).
+        folder: The saved adapter folder.
+        adapter_name: The name to load the adapter under.
+        is_trainable: Load it trainable (False for inference, as PEFT).
+
+    Returns:
+        The PeftModel.
+    """
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(folder))
+    marked = getattr(config, "init_lora_weights", None) == ASTRA_MARKER
+    if marked:
+        config.init_lora_weights = True  # PEFT refuses the marker; the weights come from the file
+    peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable,
+                                           config=config)
+    if marked:
+        mark_residual(peft_model.peft_config[adapter_name])
+    return peft_model
 
 
 def _sharded(model) -> bool:

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ._adapter_checks import check_base_as_loaded, check_plain_lora, check_unshared
+from ._adapter_checks import check_base_as_loaded, check_plain_lora, check_unshared, mark_residual
 from ._workers import layer_workers, ordered_map
 from .calibration import ForwardFn, collect_activation_stats
 from .config import AccumulatorKind, AstraConfig
@@ -173,6 +173,9 @@ def initialize_astra_weights(
     start = time.perf_counter()
     for info in report.layers:  # the layers' order (ordered_map keeps it)
         _write(layers[info.name], adapter_name, bases.pop(info.name), info.name)
+    lora_config = getattr(peft_model, "peft_config", {}).get(adapter_name)
+    if lora_config is not None:  # every save of this adapter now says it needs the residual base
+        mark_residual(lora_config)
     report.write_seconds = time.perf_counter() - start
     return report
 

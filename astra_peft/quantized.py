@@ -37,6 +37,7 @@ from torch import nn
 
 from ._bnb4bit import _bnb, base_weight, dequantized_weight, disable_cpu_weight_packing, is_4bit
 from ._quantized_native import initialize_astra_on_quantized
+from .conversion import load_residual_adapter
 from .layers import canonical_name, lora_layers
 
 __all__ = [
@@ -213,8 +214,7 @@ def load_on_quantized_base(
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ValueError(f"The residual base in {residual_dir} did not load cleanly: {bad}.")
-    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=manifest["adapter_name"],
-                                      is_trainable=is_trainable)
+    model = load_residual_adapter(base, adapter_dir, manifest["adapter_name"], is_trainable=is_trainable)
     disable_cpu_weight_packing(model)
     return model
 

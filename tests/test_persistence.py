@@ -1,13 +1,14 @@
 """Save/reload, merge, and conversion to a plain LoRA adapter for the ORIGINAL base model."""
 
 import copy
+import json
 
 import pytest
 import torch
 from conftest import MODELS, logits, make_batches, peft_model
 from peft import PeftModel
 
-from astra_peft import AstraConfig, initialize_astra_weights
+from astra_peft import AstraConfig, initialize_astra_weights, load_residual_adapter
 from astra_peft.layers import lora_layers
 
 QUIET = dict(show_progress=False)
@@ -37,8 +38,32 @@ def test_save_and_reload_residual_base_plus_adapter(family, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     copy.deepcopy(model).unload().save_pretrained(tmp_path / "residual_base")
     base = type(model.get_base_model()).from_pretrained(tmp_path / "residual_base")
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    reloaded = load_residual_adapter(base, tmp_path / "adapter").eval()
     assert (logits(reloaded, batch) - expected).abs().max() <= 1e-5
+    # marked again: saved from here it still says it needs this base, and Astra will not stack a second residual
+    reloaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["init_lora_weights"] == "astra"
+    with pytest.raises(RuntimeError, match="already initialised by Astra"):
+        initialize_astra_weights(reloaded, make_batches(), AstraConfig(**QUIET))
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_residual_form_adapter_is_refused_on_the_original_base(family, tmp_path):
+    """What `save_pretrained` writes after Astra fits only the residual base. Before its config was marked, PEFT
+    loaded it onto the original model without a word and the outputs were wrong."""
+    model = _initialised(family)
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] == "astra"
+    with pytest.raises(ValueError, match="astra"):
+        PeftModel.from_pretrained(MODELS[family][0](), tmp_path / "adapter")
+
+
+def test_the_initialised_config_still_makes_adapters(tmp_path):
+    """Only the saved config is marked: making another adapter from the live one (TRL's frozen "ref" copy does)
+    still works, and PEFT's own conversion for the original base still writes an ordinary config."""
+    model = _initialised("llama")
+    model.add_adapter("copy", model.peft_config["default"])
+    assert lora_layers(model, "copy")
 
 
 @pytest.mark.parametrize("family", list(MODELS))

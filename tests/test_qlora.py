@@ -17,7 +17,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from astra_peft import AstraConfig, initialize_astra_weights, save_as_lora  # noqa: E402
+from astra_peft import AstraConfig, initialize_astra_weights, load_residual_adapter, save_as_lora  # noqa: E402
 from astra_peft.layers import lora_layers  # noqa: E402
 from astra_peft.quantized import (  # noqa: E402
     dequantized_weight,
@@ -86,8 +86,11 @@ def test_residual_route_matches_full_precision_astra_within_plain_qloras_error(o
     assert ours["max_abs_logits"] <= 1.25 * qlora["max_abs_logits"]
     for name, rel in ours["layers"].items():
         assert 0.02 < rel <= 1.1 * qlora["layers"][name], name
-    # Negative control: the same adapter on the ORIGINAL 4-bit base counts s·B·A twice, far beyond rounding.
-    wrong = PeftModel.from_pretrained(_load_4bit(original_dir), str(tmp_path / "q" / "adapter"))
+    # The same adapter on the ORIGINAL 4-bit base counts s·B·A twice: PEFT refuses it (its config is marked) ...
+    with pytest.raises(ValueError, match="astra"):
+        PeftModel.from_pretrained(_load_4bit(original_dir), str(tmp_path / "q" / "adapter"))
+    # ... and forced onto it (negative control), the error is far beyond rounding.
+    wrong = load_residual_adapter(_load_4bit(original_dir), tmp_path / "q" / "adapter")
     assert quantization_error(wrong, fp, HELD_OUT)["mean_abs_logits"] > 1.5 * qlora["mean_abs_logits"]
 
 
@@ -187,7 +190,7 @@ def test_residual_route_trains_after_an_eval_forward_and_exports_to_the_original
     # adapter) computes what the trained adapter computes on the full-precision residual base.
     model.save_pretrained(tmp_path / "trained")
     residual = LlamaForCausalLM.from_pretrained(str(tmp_path / "q" / "residual_base")).eval()
-    expected = PeftModel.from_pretrained(residual, str(tmp_path / "trained")).eval()
+    expected = load_residual_adapter(residual, tmp_path / "trained").eval()
     save_as_lora(model, tmp_path / "lora", initial_path=tmp_path / "q" / "adapter")
     converted = PeftModel.from_pretrained(_llama(), str(tmp_path / "lora")).eval()
     with torch.no_grad():

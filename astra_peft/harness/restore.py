@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._adapter_checks import is_residual, mark_residual
 from .methods import METHODS, BuildContext, BuiltModel, build_method
 from .rank_allocation import check_restored_ranks
 from .rundir import RunDir
@@ -49,6 +50,7 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_
         )
     config = PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = False
+    residual = is_residual(config)  # saved by Astra: its later saves must say so again
     config.init_lora_weights = True  # the weights come from the file, not from running the init again
     for sub in ("eva_config", "corda_config", "lora_ga_config"):
         if getattr(config, sub, None) is not None:
@@ -58,6 +60,8 @@ def restore_initial_adapter(model: nn.Module, adapter_dir, method: str, mutates_
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{adapter_dir} does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
     rebuild.apply(peft_model, "default")
+    if residual:
+        mark_residual(peft_model.peft_config["default"])
     return peft_model
 
 

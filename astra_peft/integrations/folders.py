@@ -33,12 +33,12 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .._adapter_checks import ASTRA_MARKER  # `init_lora_weights` of an adapter needing the residual base
 from .._io import atomic_dir, atomic_path, write_json_atomic
 from ..conversion import adapter_files, convert_saved_adapter, copy_adapter
 from ..layers import layer_digest, lora_layers
 from ..rewrite import subtract_adapter
 
-ASTRA_MARKER = "astra"  # `init_lora_weights` of an adapter that needs the Astra residual base
 INIT_DIR = "astra_init"  # under the Trainer's output_dir
 EXTRA_DIR = "astra"  # inside each checkpoint / saved folder
 MANIFEST = "astra.json"

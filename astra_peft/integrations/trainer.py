@@ -24,12 +24,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from .._adapter_checks import mark_residual
 from ..config import AstraConfig
 from ..conversion import adapter_files, copy_adapter
 from ..initialization import AstraReport, initialize_astra_weights
 from ..layers import lora_layers
 from .folders import (
-    ASTRA_MARKER, EXTRA_DIR, FORMAT, INIT_DIR, MANIFEST, base_fingerprint, check_ours, init_sha256, lora_settings,
+    EXTRA_DIR, FORMAT, INIT_DIR, MANIFEST, base_fingerprint, check_ours, init_sha256, lora_settings,
     read_manifest, our_dir, restore_astra_initialization, tensors_sha256, write_extras, write_json,
 )
 
@@ -176,7 +177,7 @@ def initialize_astra_for_trainer(
                     "init_sha256": init_sha256(model, adapter_name), "lora_settings": settings,
                     "astra_config": config.to_dict()}
         source = None
-    model.peft_config[adapter_name].init_lora_weights = ASTRA_MARKER  # every save of this adapter says so
+    mark_residual(model.peft_config[adapter_name])  # every save of this adapter says so (also on resume)
     if trainer.args.should_save:
         _save_initial(model, adapter_name, output_dir, manifest, source)
     callback = AstraTrainerCallback(output_dir, manifest, restored_step)
