@@ -24,7 +24,7 @@ from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
-from ._adapter_checks import ASTRA_MARKER, mark_residual
+from ._adapter_checks import is_residual, mark_residual
 from ._io import atomic_path
 
 
@@ -216,7 +216,7 @@ def load_residual_adapter(model, folder, adapter_name: str = "default", *, is_tr
     from peft import PeftConfig
 
     config = PeftConfig.from_pretrained(str(folder))
-    marked = getattr(config, "init_lora_weights", None) == ASTRA_MARKER
+    marked = is_residual(config)
     if marked:
         config.init_lora_weights = True  # PEFT refuses the marker; the weights come from the file
     peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable,
