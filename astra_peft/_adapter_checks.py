@@ -98,6 +98,19 @@ def check_plain_lora(name: str, layer: nn.Module, adapter_name: str) -> None:
         )
 
 
+def check_materialised(name: str, layer: nn.Module, adapter_name: str) -> None:
+    """Raise if `layer`'s adapter weights are on the meta device: `get_peft_model(..., low_cpu_mem_usage=True)`
+    leaves them empty for a checkpoint to fill, so A and B written there would be lost while the base still became
+    W − s·B·A (the outputs came out NaN with no error)."""
+    for part in ("lora_A", "lora_B"):
+        if getattr(layer, part)[adapter_name].weight.is_meta:
+            raise ValueError(
+                f"Layer '{name}': adapter '{adapter_name}' has its {part} weight on the meta device (the PeftModel "
+                "was made with low_cpu_mem_usage=True, which leaves adapters empty for a checkpoint to fill). "
+                "Create it without low_cpu_mem_usage to initialise it with Astra."
+            )
+
+
 def check_unshared(peft_model: nn.Module, layers: dict) -> None:
     """Raise if a target layer's base weight is also another module's parameter: tied input and output
     embeddings (a targeted `lm_head`), or PEFT's `layer_replication`. Rewriting W ← W − s·B·A would change the

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from ._adapter_checks import check_base_as_loaded
+from ._adapter_checks import check_base_as_loaded, check_materialised
 from ._bnb4bit import dequantized_weight, disable_cpu_weight_packing, is_4bit
 from .calibration import ForwardFn
 from .config import AstraConfig
@@ -72,6 +72,7 @@ def initialize_astra_on_quantized(
     # the 4-bit model's own adapters must not have rewritten its base either.
     check_base_as_loaded(peft_model, adapter_name)
     for name, layer in layers.items():
+        check_materialised(name, layer, adapter_name)  # factors copied into a meta adapter would be lost
         base = layer.get_base_layer()
         if not is_4bit(base):
             raise TypeError(

@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ._adapter_checks import check_base_as_loaded, check_plain_lora, check_unshared, mark_residual
+from ._adapter_checks import (check_base_as_loaded, check_materialised, check_plain_lora, check_unshared,
+                              mark_residual)
 from ._workers import layer_workers, ordered_map
 from .calibration import ForwardFn, collect_activation_stats
 from .config import AccumulatorKind, AstraConfig
@@ -199,6 +200,7 @@ def _check_layers(layers: dict, adapter_name: str) -> None:
     for name, layer in layers.items():
         check_supported(name, layer.get_base_layer())
         check_plain_lora(name, layer, adapter_name)
+        check_materialised(name, layer, adapter_name)
         d_out, _ = out_in_dims(layer.get_base_layer())
         r = layer.r[adapter_name]
         if r > d_out:

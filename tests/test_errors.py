@@ -125,6 +125,17 @@ def test_offloaded_weight_is_refused_naming_the_layer(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
+def test_adapter_left_empty_by_low_cpu_mem_usage_is_refused():
+    """get_peft_model(..., low_cpu_mem_usage=True) puts the adapter on the meta device: A and B written there were
+    lost while the base was rewritten, and the outputs came out NaN with no error."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]), low_cpu_mem_usage=True)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items() if not v.is_meta}  # torch.equal has no meta kernel
+    with pytest.raises(ValueError, match=r"Layer 'model\.layers\.0\.self_attn\.q_proj'.*lora_A weight on the meta"):
+        initialize_astra_weights(model, make_batches(), AstraConfig(**QUIET))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
 def test_dora_adapter_rejected():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
     _fails(model, ValueError, "DoRA", make_batches(), AstraConfig(**QUIET))

@@ -281,17 +281,20 @@ def test_native_route_refuses_a_full_precision_base_and_a_foreign_original(origi
 
 
 def test_native_route_refuses_what_the_full_precision_route_refuses(original_dir):
-    """A LoRA variant on the 4-bit base, and an adapter whose initialisation rewrote the base: named, adapter
-    untouched. (PEFT itself refuses PiSSA on a 4-bit base and LoftQ needs CUDA, so the config is set by hand to
-    stand in for such an adapter.)"""
-    cases = [(dict(alora_invocation_tokens=[5, 6]), r"Layer 'model\.layers\.0\.self_attn\.q_proj'.*ALoraLinear"),
-             (dict(), r"Adapter 'default' .*init_lora_weights='loftq'")]
-    for option, match in cases:
-        model = get_peft_model(_load_4bit(original_dir), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                                    **option))
-        if not option:
-            model.peft_config["default"].init_lora_weights = "loftq"
-        before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    """A LoRA variant on the 4-bit base, an adapter whose initialisation rewrote the base, an adapter left on the
+    meta device (low_cpu_mem_usage): named, adapter untouched. (PEFT itself refuses PiSSA on a 4-bit base and LoftQ
+    needs CUDA, so that config is set by hand to stand in for such an adapter.)"""
+    cases = [  # (LoraConfig options, get_peft_model options, init_lora_weights set afterwards, error)
+        (dict(alora_invocation_tokens=[5, 6]), {}, None, r"Layer 'model\.layers\.0\.self_attn\.q_proj'.*ALoraLinear"),
+        ({}, {}, "loftq", r"Adapter 'default' .*init_lora_weights='loftq'"),
+        ({}, dict(low_cpu_mem_usage=True), None, r"Layer 'model\.layers\.0\.self_attn\.q_proj'.*meta device"),
+    ]
+    for lora_options, peft_options, init, match in cases:
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora_options)
+        model = get_peft_model(_load_4bit(original_dir), config, **peft_options)
+        if init:
+            model.peft_config["default"].init_lora_weights = init
+        before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k and not v.is_meta}
         with pytest.raises(ValueError, match=match):
             initialize_astra_on_quantized(model, _llama(), make_batches(), AstraConfig(**QUIET))
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
