@@ -3,7 +3,7 @@
 Astra's promise, outputs unchanged at initialisation, holds for a layer that computes W·x + b + s·B·A·x with W the
 weight the model was loaded with and owned by that layer alone. Each check refuses one way PEFT can break that,
 every one of which otherwise passed with exit code 0 and changed the outputs at init (or made the saved adapter
-wrong on the original base).
+wrong on the original base). And the marker that an adapter's saves carry once Astra has rewritten its base.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def mark_residual(config) -> None:
 def is_residual(config) -> bool:
     """Whether `config` belongs to an adapter Astra initialised (in memory, or as saved)."""
     return getattr(config, "_astra_residual", False) or getattr(config, "init_lora_weights", None) == ASTRA_MARKER
+
 
 # `LoraConfig.init_lora_weights` values that leave the base weights as they were loaded. The others (PiSSA, OLoRA,
 # CorDA, LoftQ, LoRA-GA) subtract their own start from W when the adapter is made, so Astra would calibrate on
